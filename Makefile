@@ -1,0 +1,10 @@
+# The two commands of the README. Each runs the idempotent set-up first.
+.PHONY: setup demo test
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	.venv/bin/pdpush rdma-stat
+
+test: setup
+	.venv/bin/python -m pytest
