@@ -1,0 +1,140 @@
+"""The pdpush connector's typed configuration and the `--kv-transfer-config` dicts that start
+P and D with it.
+
+Everything pdpush reads from `kv_connector_extra_config` is parsed here once, at engine start,
+so that a typo or a bad value stops the engine with one clear line instead of surfacing as a
+stuck request later. Keys starting with `probe` belong to the step probe (pdpush.probe) and are
+passed through unchecked. No vLLM import: the dicts are plain JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MODULE_PATH = "pdpush.connector.facade"
+CONNECTOR_NAME = "PdpushConnector"
+ON_FAILURE = ("local", "error")
+
+
+class ConfigError(ValueError):
+    """A bad `kv_connector_extra_config` value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class PdpushConfig:
+    """Knobs of both roles. D uses the policy/rpc ones, P the push ones; unknown keys fail."""
+
+    # D: the P instances (OpenAI base URLs) it may send prefills to.
+    prefill_urls: tuple[str, ...] = ()
+    # D: prefill remotely only when at least this many prompt tokens miss D's prefix cache.
+    remote_threshold_tokens: int = 256
+    # D: at most this many prefills in flight per P (its capacity as D sees it).
+    max_inflight_per_prefill: int = 8
+    # D: a P whose queue (waiting requests) is this long counts as full.
+    max_prefill_queue: int = 16
+    # Lease: P must finish all WRITEs within this many seconds of D's do_prefill.
+    prefill_timeout_s: float = 30.0
+    # Lease: D keeps blocks this much longer than the deadline before reusing them.
+    lease_grace_s: float = 2.0
+    # D: seconds between health checks of each P; a failed P is retried after retry_after_s.
+    health_interval_s: float = 2.0
+    retry_after_s: float = 10.0
+    # D: what a failed remote prefill becomes: a local prefill, or an error for the client.
+    on_failure: Literal["local", "error"] = "local"
+    # D: worker rank r serves its NIXL metadata on side_channel_port + r.
+    side_channel_host: str = "127.0.0.1"
+    side_channel_port: int = 5600
+    # P: how long P waits for D's side channel before giving up on a request.
+    side_channel_timeout_s: float = 5.0
+    # Extra keys owned by the step probe, kept verbatim.
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None, role: str) -> "PdpushConfig":
+        """Parse and validate; `role` is vLLM's kv_role (kv_consumer = D, kv_producer = P)."""
+        extra = dict(extra or {})
+        probe = {k: extra.pop(k) for k in list(extra) if k.startswith("probe")}
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "probe"}
+        unknown = sorted(set(extra) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"pdpush: unknown kv_connector_extra_config key(s) {unknown}; "
+                f"known: {sorted(known)}"
+            )
+        values = {name: _coerce(name, known[name].type, value) for name, value in extra.items()}
+        config = cls(**values, probe=probe)
+        config.validate(role)
+        return config
+
+    def validate(self, role: str) -> None:
+        """Reject values that cannot work; one message per problem, naming the key."""
+        if role not in ("kv_consumer", "kv_producer"):
+            raise ConfigError(f"pdpush: kv_role must be kv_consumer (D) or kv_producer (P), not {role!r}")
+        positive = ("max_inflight_per_prefill", "max_prefill_queue", "prefill_timeout_s",
+                    "health_interval_s", "retry_after_s", "side_channel_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"pdpush: {name} must be > 0, got {getattr(self, name)}")
+        if self.remote_threshold_tokens < 1:
+            raise ConfigError("pdpush: remote_threshold_tokens must be >= 1")
+        if self.lease_grace_s < 0:
+            raise ConfigError("pdpush: lease_grace_s must be >= 0")
+        if self.on_failure not in ON_FAILURE:
+            raise ConfigError(f"pdpush: on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
+        if not 0 < self.side_channel_port < 65536:
+            raise ConfigError(f"pdpush: side_channel_port out of range: {self.side_channel_port}")
+        for url in self.prefill_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"pdpush: prefill_urls entries must be http(s) URLs, got {url!r}")
+        if role == "kv_consumer" and not self.prefill_urls:
+            raise ConfigError("pdpush: D (kv_consumer) needs at least one entry in prefill_urls")
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """Check one value against its annotation (strings: `from __future__ import annotations`)."""
+    if annotation.startswith("tuple"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"pdpush: {name} must be a list of strings, got {value!r}")
+        return tuple(v.rstrip("/") for v in value)
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"pdpush: {name} must be an integer, got {value!r}")
+        return value
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"pdpush: {name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"pdpush: {name} must be a string, got {value!r}")
+    return value
+
+
+def _kv_config(role: str, failure_policy: str, extra: dict[str, Any]) -> dict[str, Any]:
+    PdpushConfig.from_extra_config(extra, role)  # fail here, not in the engine
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": MODULE_PATH,
+        "kv_role": role,
+        "kv_load_failure_policy": failure_policy,
+        "kv_connector_extra_config": extra,
+    }
+
+
+def decode_kv_config(prefill_urls: list[str] | tuple[str, ...], **opts: Any) -> dict[str, Any]:
+    """The `--kv-transfer-config` of a D that sends long prefills to `prefill_urls`.
+
+    `opts` are PdpushConfig fields (e.g. remote_threshold_tokens=64). A failed remote
+    prefill is recomputed on D unless on_failure="error".
+    """
+    extra = {"prefill_urls": list(prefill_urls), **opts}
+    policy = "fail" if opts.get("on_failure") == "error" else "recompute"
+    return _kv_config("kv_consumer", policy, extra)
+
+
+def prefill_kv_config(**opts: Any) -> dict[str, Any]:
+    """The `--kv-transfer-config` of a P that pushes the KV of each prefill into its D."""
+    return _kv_config("kv_producer", "fail", dict(opts))
