@@ -1,0 +1,146 @@
+"""Start and stop local vLLM OpenAI servers (P and D roles) as subprocesses.
+
+Used by `pdpush up`, the benchmarks and the end-to-end tests. Each server runs in its own process
+session so that stopping it also stops vLLM's engine-core and worker children; output goes to a log
+file whose tail is shown when a server fails to come up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# vLLM's CPU worker refuses a large memory fraction on a small machine (ENVIRONMENT.md).
+CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class ServerError(RuntimeError):
+    """A server exited or did not become healthy in time."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VllmServer:
+    """One `vllm.entrypoints.openai.api_server` process.
+
+    `cpu_core` pins the engine's OpenMP threads (two engines on a 2-core machine need one core
+    each); `kv_transfer_config` is passed as `--kv-transfer-config` JSON.
+    """
+
+    name: str
+    model: Path
+    port: int = field(default_factory=free_port)
+    kv_transfer_config: dict | None = None
+    cpu_core: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path = Path("out/logs")
+    max_model_len: int = 4096
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model), "--served-model-name", "pdpush",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len),
+            "--gpu-memory-utilization", "0.2", "--seed", "0",
+        ]
+        if self.kv_transfer_config is not None:
+            cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
+        return cmd + self.extra_args
+
+    def start(self) -> "VllmServer":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **CPU_DEFAULTS, **self.env}
+        if self.cpu_core is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
+        return self
+
+    def wait_healthy(self, timeout_s: float = 240.0) -> None:
+        """Block until GET /health answers 200; raise ServerError with the log tail otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                raise ServerError(f"{self.name} exited during start-up\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        raise ServerError(f"{self.name} not healthy after {timeout_s:.0f} s\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the abrupt failure of a P, for failure tests."""
+        self._signal_group(signal.SIGKILL)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
+        if self._proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self._proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal_group(signal.SIGKILL)
+        self._proc.wait()
+        self._proc = None
+
+    def _signal_group(self, sig: int) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> "VllmServer":
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
