@@ -10,6 +10,8 @@ from pdpush.log import setup_logging
 
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("pdpush.up", "start 1 D + N P vLLM servers on this machine and keep them up"),
+    "demo": ("pdpush.demo", "send a few requests through D: where prefilled, TTFT, TPOT"),
     "rdma-stat": ("pdpush.rdma.cli", "read RDMA hardware counters (netlink or sysfs)"),
 }
 

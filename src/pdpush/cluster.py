@@ -144,3 +144,65 @@ class VllmServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class LocalCluster:
+    """N prefill servers and one decode server on this machine, started together.
+
+    Cores: D gets core 0 and the Ps share the remaining cores (all of them on core 1 on a 2-core
+    machine), so P's prefill never competes with D's decode for a core.
+    """
+
+    model: Path
+    num_prefill: int = 1
+    decode_opts: dict = field(default_factory=dict)
+    prefill_opts: dict = field(default_factory=dict)
+    decode_args: list[str] = field(default_factory=list)
+    # A small token budget on P, so a long prompt is prefilled (and pushed) in several chunks.
+    prefill_args: list[str] = field(default_factory=lambda: ["--max-num-batched-tokens", "512"])
+    log_dir: Path = Path("out/logs")
+    prefills: list[VllmServer] = field(default_factory=list, init=False)
+    decode: VllmServer | None = field(default=None, init=False)
+
+    def start(self) -> "LocalCluster":
+        from pdpush.connector.config import decode_kv_config, prefill_kv_config
+
+        cores = os.cpu_count() or 2
+        p_cores = list(range(1, cores)) or [0]
+        self.prefills = [
+            VllmServer(f"P{i}", self.model, kv_transfer_config=prefill_kv_config(**self.prefill_opts),
+                       cpu_core=p_cores[i % len(p_cores)], extra_args=self.prefill_args,
+                       log_dir=self.log_dir)
+            for i in range(self.num_prefill)
+        ]
+        urls = [p.url for p in self.prefills]
+        self.decode = VllmServer("D", self.model, kv_transfer_config=decode_kv_config(urls, **self.decode_opts),
+                                 cpu_core=0, extra_args=self.decode_args, log_dir=self.log_dir)
+        for server in self.servers:
+            server.start()
+        return self
+
+    @property
+    def servers(self) -> list[VllmServer]:
+        return [*self.prefills, *([self.decode] if self.decode else [])]
+
+    def wait_healthy(self, timeout_s: float = 300.0) -> None:
+        for server in self.servers:
+            server.wait_healthy(timeout_s)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,79 @@
+"""Send a few requests through D and show, per request, where it was prefilled, TTFT, TPOT, tokens.
+
+Starts its own 1P1D (see `pdpush up`) unless --d-url is given. "Prefilled on" is read from each P's
+own `vllm:prompt_tokens_total` counter, before and after the request, so it reports what P did,
+not what D meant to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pdpush.up import add_cluster_args, start_cluster
+
+
+def demo_prompts(threshold: int) -> list[tuple[str, str]]:
+    """(label, prompt) pairs: one per path through D's policy. One byte = one token (tiny model)."""
+    long_text = "".join(f"{i} " for i in range(400))[: threshold * 3]
+    return [
+        ("short (local)", "Hi"),
+        ("long (remote)", long_text),
+        ("long, shared prefix", long_text + " and a different tail " * 4),
+        ("multi-chunk", ("pdpush pushes KV layer by layer. " * 60)[:2000]),
+    ]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_cluster_args(parser)
+    parser.add_argument("--d-url", help="use a running D instead of starting a cluster")
+    parser.add_argument("--p-url", action="append", default=[], help="with --d-url: a P to attribute prefills to")
+    parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per request (default 16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import httpx
+
+    from pdpush.cluster import ServerError
+
+    cluster = None
+    try:
+        if args.d_url:
+            d_url, p_urls = args.d_url.rstrip("/"), [u.rstrip("/") for u in args.p_url]
+        else:
+            cluster = start_cluster(args)
+            d_url, p_urls = cluster.decode.url, [p.url for p in cluster.prefills]
+        with httpx.Client() as client:
+            rows = [_one(client, d_url, p_urls, label, prompt, args.max_tokens)
+                    for label, prompt in demo_prompts(args.threshold)]
+        _print_table(rows)
+        return 0
+    except (ServerError, httpx.HTTPError) as exc:
+        print(f"pdpush demo: {exc}")
+        return 1
+    finally:
+        if cluster:
+            cluster.stop()
+
+
+def _one(client, d_url: str, p_urls: list[str], label: str, prompt: str, max_tokens: int) -> dict:
+    from pdpush.client import complete, prompt_tokens_served
+
+    before = [prompt_tokens_served(client, u) for u in p_urls]
+    result = complete(client, d_url, prompt, max_tokens=max_tokens)
+    after = [prompt_tokens_served(client, u) for u in p_urls]
+    where = [u for u, b, a in zip(p_urls, before, after) if a > b]
+    return {"request": label, "prompt": len(prompt), "where": ", ".join(where) or "D (local)",
+            "ttft_ms": result.ttft_s * 1e3, "tpot_ms": result.tpot_s * 1e3, "tokens": result.num_tokens}
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="requests through D")
+    for col in ("request", "prompt tokens", "prefilled on", "TTFT ms", "TPOT ms", "tokens"):
+        table.add_column(col, justify="left" if col in ("request", "prefilled on") else "right")
+    for r in rows:
+        table.add_row(r["request"], str(r["prompt"]), r["where"], f"{r['ttft_ms']:.1f}",
+                      f"{r['tpot_ms']:.1f}", str(r["tokens"]))
+    Console().print(table)

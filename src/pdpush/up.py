@@ -1,0 +1,77 @@
+"""Start one D and N P vLLM servers on this machine with the pdpush connector and keep them up.
+
+With no --model, a tiny random-weight Qwen2 model is created locally (no download). Prints D's
+OpenAI endpoint — clients talk to D only — and runs until Ctrl-C, then stops every server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that starts a local cluster."""
+    parser.add_argument("--model", type=Path, help="local model folder (default: the tiny built-in model)")
+    parser.add_argument("--prefills", type=int, default=1, metavar="N", help="number of P instances (default 1)")
+    parser.add_argument("--threshold", type=int, default=256, metavar="TOKENS",
+                        help="prefill remotely when at least this many prompt tokens miss D's cache (default 256)")
+    parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="server logs (default out/logs)")
+
+
+def start_cluster(args: argparse.Namespace, **decode_opts):
+    """Start and wait for a LocalCluster from the shared options, with a live status line."""
+    from rich.console import Console
+
+    from pdpush.cluster import LocalCluster
+    from pdpush.tinymodel import ensure_tiny_model
+
+    if args.prefills < 1:
+        raise SystemExit("pdpush: --prefills must be at least 1")
+    console = Console(stderr=True)
+    with console.status("preparing the model…"):
+        model = args.model or ensure_tiny_model()
+    if not (Path(model) / "config.json").exists():
+        raise SystemExit(f"pdpush: {model} is not a model folder (no config.json)")
+    cluster = LocalCluster(model, num_prefill=args.prefills, log_dir=args.log_dir,
+                           decode_opts={"remote_threshold_tokens": args.threshold, **decode_opts})
+    started = time.monotonic()
+    with console.status(f"starting {args.prefills} P + 1 D (logs in {args.log_dir})…"):
+        cluster.start()
+        try:
+            cluster.wait_healthy()
+        except BaseException:
+            cluster.stop()
+            raise
+    console.print(f"[green]cluster healthy[/] in {time.monotonic() - started:.0f} s")
+    return cluster
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_cluster_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdpush.cluster import ServerError
+
+    try:
+        cluster = start_cluster(args)
+    except ServerError as exc:
+        print(f"pdpush up: {exc}")
+        return 1
+    try:
+        for p in cluster.prefills:
+            print(f"P {p.name}: {p.url}  (log {p.log_path})")
+        print(f"D OpenAI endpoint: {cluster.decode.url}/v1  (log {cluster.decode.log_path})")
+        print(f"try: curl {cluster.decode.url}/v1/completions -H 'Content-Type: application/json' "
+              """-d '{"model": "pdpush", "prompt": "hello", "max_tokens": 8}'""")
+        print("Ctrl-C stops every server.")
+        while all(s.alive() for s in cluster.servers):
+            time.sleep(1.0)
+        print("pdpush up: a server exited; see its log. Stopping the rest.")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        cluster.stop()
