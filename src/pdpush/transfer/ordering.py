@@ -1,0 +1,187 @@
+"""Memory ordering around a GPU-Direct WRITE (ARCHITECTURE section 3, NVIDIA GPUDirect RDMA
+"Synchronization and Memory Ordering").
+
+Sender rule: the NIC (or cuda_ipc copy) may read a layer's KV only after the kernel that wrote
+it finished. Record a CUDA event on the compute stream right after the layer's KV write and hand
+it to an `OrderedPoster`; its transfer thread waits on that event (never on the compute stream)
+and only then posts the WRITE. Compute runs on; posting overlaps it.
+
+    poster = OrderedPoster(lambda job: engine.write(peer, job.runs, local=..., remote=...))
+    ev = torch.cuda.Event(); ev.record()              # after layer l's KV write, compute stream
+    poster.submit(ev, LayerJob(l, runs))              # event None where there is no GPU (CPU)
+    transfers = poster.drain(timeout_s=30)            # the posted Transfers, in submit order
+    poster.close()
+
+Receiver rule: a kernel may read written blocks only after the WRITE completed and, where the
+device attribute `cudaDevAttrGPUDirectRDMAWritesOrdering` is NONE (0), after
+`cudaDeviceFlushGPUDirectRDMAWrites(CurrentDevice, ToOwner)`. OWNER (100; the H200 reads this)
+and ALL_DEVICES (200) already order the writes for the owning device: the flush is skipped.
+
+    fence = ReceiveFence.for_device(d)     # reads the attribute once (cuda.bindings.runtime)
+    fence.after_writes()                   # call once the WRITE / its notification arrived
+    fence.ordering, fence.needs_flush      # what was read and decided, for logs and reports
+
+`ReceiveFence.for_device(None)` is the CPU fence (no GPU, nothing to flush). Both classes take
+their CUDA objects as arguments so the logic is tested without CUDA.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Protocol, TypeVar
+
+ORDERING_NONE = 0
+ORDERING_OWNER = 100
+ORDERING_ALL_DEVICES = 200
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+class Event(Protocol):
+    """What the poster needs from a CUDA event (torch.cuda.Event fits)."""
+
+    def synchronize(self) -> None: ...
+
+
+class CudaRuntime(Protocol):
+    """The slice of `cuda.bindings.runtime` the fence uses (calls return (err, *values))."""
+
+    cudaDeviceAttr: Any
+    cudaFlushGPUDirectRDMAWritesTarget: Any
+    cudaFlushGPUDirectRDMAWritesScope: Any
+
+    def cudaDeviceGetAttribute(self, attr: Any, device: int) -> tuple[Any, int]: ...
+    def cudaSetDevice(self, device: int) -> tuple[Any]: ...
+    def cudaDeviceFlushGPUDirectRDMAWrites(self, target: Any, scope: Any) -> tuple[Any]: ...
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """A layer's byte runs waiting for their event (a convenient job type for the poster)."""
+
+    layer: int
+    runs: list
+
+
+class OrderedPoster(Generic[J, R]):
+    """A transfer thread that calls `post(job)` for each job only after the job's event fired.
+
+    Jobs are posted in submit order. `post` runs on the transfer thread; its results and any
+    exception are collected for `drain`. An event of None means "already complete" (CPU).
+    """
+
+    def __init__(self, post: Callable[[J], R], name: str = "pdpush-post"):
+        self._post = post
+        self._jobs: queue.Queue[tuple[Event | None, J] | None] = queue.Queue()
+        self._results: list[R] = []
+        self._error: BaseException | None = None
+        self._pending = 0
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, event: Event | None, job: J) -> None:
+        """Queue `job`; it is posted once `event` completed. Never blocks the caller."""
+        if not self._thread.is_alive():
+            raise RuntimeError("poster is closed")
+        with self._cv:
+            self._pending += 1
+        self._jobs.put((event, job))
+
+    def drain(self, timeout_s: float = 30.0) -> list[R]:
+        """Wait until every submitted job was posted; return and forget their results."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._pending and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self._pending} jobs not posted after {timeout_s}s")
+                self._cv.wait(left)
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+            out, self._results = self._results, []
+            return out
+
+    def close(self) -> None:
+        """Stop the thread after the jobs already queued."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            event, job = item
+            try:
+                if event is not None:
+                    event.synchronize()  # this thread waits; the compute stream does not
+                result = self._post(job)
+            except BaseException as exc:  # reported to the caller through drain()
+                with self._cv:
+                    self._error = self._error or exc
+                    self._pending -= 1
+                    self._cv.notify_all()
+                continue
+            with self._cv:
+                self._results.append(result)
+                self._pending -= 1
+                self._cv.notify_all()
+
+
+class ReceiveFence:
+    """D-side rule: flush inbound GPU-Direct writes only where the device does not order them."""
+
+    def __init__(self, device: int | None, runtime: CudaRuntime | None):
+        if (device is None) != (runtime is None):
+            raise ValueError("give both a device and a CUDA runtime, or neither (CPU)")
+        self.device = device
+        self._rt = runtime
+        self.ordering = ORDERING_ALL_DEVICES if runtime is None else self._read_ordering()
+        self.flushes = 0
+
+    @classmethod
+    def for_device(cls, device: int | None) -> ReceiveFence:
+        """The fence for CUDA device `device` (None: CPU), using cuda-python's runtime."""
+        if device is None:
+            return cls(None, None)
+        from cuda.bindings import runtime
+
+        return cls(device, runtime)
+
+    @property
+    def needs_flush(self) -> bool:
+        """Flush iff the device's ordering scope is smaller than the owner's (i.e. NONE)."""
+        return self.ordering < ORDERING_OWNER
+
+    def after_writes(self) -> bool:
+        """Make completed writes visible to kernels on the device; True when it flushed."""
+        if not self.needs_flush:
+            return False
+        rt = self._rt
+        _check(rt.cudaSetDevice(self.device), "cudaSetDevice")
+        _check(
+            rt.cudaDeviceFlushGPUDirectRDMAWrites(
+                rt.cudaFlushGPUDirectRDMAWritesTarget.cudaFlushGPUDirectRDMAWritesTargetCurrentDevice,
+                rt.cudaFlushGPUDirectRDMAWritesScope.cudaFlushGPUDirectRDMAWritesToOwner,
+            ),
+            "cudaDeviceFlushGPUDirectRDMAWrites",
+        )
+        self.flushes += 1
+        return True
+
+    def _read_ordering(self) -> int:
+        rt = self._rt
+        attr = rt.cudaDeviceAttr.cudaDevAttrGPUDirectRDMAWritesOrdering
+        return int(_check(rt.cudaDeviceGetAttribute(attr, self.device), "cudaDeviceGetAttribute"))
+
+
+def _check(result: tuple, what: str) -> Any:
+    """cuda-python returns (err, *values); raise on a non-zero error, return the value."""
+    err, *values = result
+    if getattr(err, "value", err) != 0:
+        raise RuntimeError(f"{what} failed: {err}")
+    return values[0] if values else None
