@@ -1,0 +1,190 @@
+"""Does P's push into D slow D's decode? The seed's interference experiment, per QPS.
+
+A background batch of B one-token requests (prefilled on D) decodes to --max-tokens with
+ignore_eos; once it reaches context --load-from, requests of --prompt-len tokens and
+--load-output output tokens arrive at a fixed QPS. D's policy prefills them on P, which writes
+their KV into D; D keeps them parked while the background batch runs (see
+pdpush.bench.interference_scheduler), so only the inbound writes touch D. DecodeLatency is D's step
+latency over contexts --measure-from..--measure-to, from D's step probe; the report gives min, max
+and avg relative to QPS 0, a repeat of QPS 0 as the noise floor, RX traffic, and the probe's own
+cost. Starts its own 1P1D (tiny model unless --model) or uses --decode-url with --probe-log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from pdpush.bench.interference_load import Completions, LogTail, RoundSpec, random_prompt, run_round
+from pdpush.bench.interference_report import Protocol, Round, build_report, load_steps, markdown
+
+log = logging.getLogger(__name__)
+SCHEDULER = "pdpush.bench.interference_scheduler.HoldScheduler"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument
+    p("--qps", default="0,1,2,3", help="comma-separated load rates, one round each (default 0,1,2,3)")
+    p("--repeat-baseline", type=int, default=1, help="extra QPS-0 rounds at the end: noise floor")
+    p("--batch", type=int, default=64, help="background batch size B (default 64)")
+    p("--max-tokens", type=int, default=2000, help="background output length (default 2000)")
+    p("--load-from", type=int, default=500, help="context at which the load starts (default 500)")
+    p("--measure-from", type=int, default=1500, help="first measured context (default 1500)")
+    p("--measure-to", type=int, default=2000, help="last measured context (default 2000)")
+    p("--prompt-len", type=int, default=2000, help="load request prompt tokens (default 2000)")
+    p("--load-output", type=int, default=7, help="load request output tokens (default 7)")
+    p("--probe-ab-steps", type=int, default=32,
+      help="probe A/B window in steps, for the probe-cost figure; 0 = probe always on (default 32)")
+    p("--out", type=Path, default=Path("out/interference"), help="report folder (default out/interference)")
+    p("--model", type=Path, help="model folder (default: the tiny local model)")
+    p("--kv-cache-gib", type=int, default=4, help="D's CPU KV cache in GiB (default 4)")
+    p("--decode-url", help="use this running D instead of starting 1P1D (needs --probe-log)")
+    p("--probe-log", type=Path, help="with --decode-url: D's probe_log file, readable here")
+    p("--seed", type=int, default=0, help="seed of the load prompts")
+
+
+def check_args(args: argparse.Namespace) -> list[float]:
+    """The QPS list; ValueError with one line for anything inconsistent."""
+    try:
+        qps = [float(q) for q in args.qps.split(",")]
+    except ValueError:
+        raise ValueError(f"--qps must be comma-separated numbers, got {args.qps!r}") from None
+    if any(q < 0 for q in qps) or 0 not in qps and not args.repeat_baseline:
+        raise ValueError("--qps needs non-negative rates and a 0 (or --repeat-baseline) as baseline")
+    rules = [
+        (args.batch >= 1, "--batch must be >= 1"),
+        (args.repeat_baseline >= 0, "--repeat-baseline must be >= 0"),
+        (1 <= args.load_from < args.measure_from < args.measure_to <= args.max_tokens + 1,
+         "need 1 <= --load-from < --measure-from < --measure-to <= --max-tokens + 1"),
+        (args.prompt_len >= 2 and args.load_output >= 1, "need --prompt-len >= 2, --load-output >= 1"),
+        (args.probe_ab_steps >= 0, "--probe-ab-steps must be >= 0"),
+        (bool(args.decode_url) == bool(args.probe_log), "--decode-url and --probe-log go together"),
+    ]  # fmt: skip
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+    return qps
+
+
+def round_plan(qps: list[float], repeat_baseline: int) -> list[tuple[str, float]]:
+    """(label, qps) per round: the list as given, then the repeated QPS-0 rounds."""
+    plan = [(f"qps{q:g}", q) for q in qps]
+    plan += [(f"qps0#{i + 2}", 0.0) for i in range(repeat_baseline)]
+    return plan
+
+
+@contextlib.contextmanager
+def one_p_one_d(args: argparse.Namespace, probe_log: Path) -> Iterator[str]:
+    """Start P and D (one CPU core each), yield D's URL, stop both however the block ends."""
+    from pdpush.cluster import VllmServer, free_port
+    from pdpush.connector.config import decode_kv_config, prefill_kv_config
+    from pdpush.tinymodel import ensure_tiny_model
+
+    model = args.model or ensure_tiny_model()
+    max_len = max(args.max_tokens + 1, args.prompt_len + args.load_output) + 16
+    logs = args.out / "logs"
+    prefill = VllmServer("prefill", model, kv_transfer_config=prefill_kv_config(), cpu_core=1,
+                         log_dir=logs, max_model_len=max_len)  # fmt: skip
+    probe = {"probe_log": str(probe_log), "probe_ab_steps": args.probe_ab_steps}
+    d_config = decode_kv_config([prefill.url], remote_threshold_tokens=min(256, args.prompt_len),
+                                side_channel_port=free_port(), **probe)  # fmt: skip
+    decode = VllmServer(
+        "decode", model, kv_transfer_config=d_config, cpu_core=0, log_dir=logs, max_model_len=max_len,
+        env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)},
+        extra_args=["--scheduler-cls", SCHEDULER,
+                    "--additional-config", json.dumps({"pdpush_hold_running": args.batch}),
+                    "--max-num-seqs", str(args.batch + 64),
+                    "--max-num-batched-tokens", str(max(2048, 2 * args.batch))],
+    )  # fmt: skip
+    servers = (prefill, decode)
+    try:
+        for server in servers:  # both start at once: start-up is the slow part
+            server.start()
+        for server in servers:
+            server.wait_healthy()
+        yield decode.url
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def warm_up(api: Completions, spec: RoundSpec) -> None:
+    """One local and one remote prefill before any round: first-use costs stay out of the data."""
+    import random
+
+    await api.complete([65], 4)
+    await api.complete(random_prompt(random.Random(-1), spec.prompt_len), 2)
+
+
+async def run_rounds(url: str, probe_log: Path, spec: RoundSpec, plan, seed: int) -> list[Round]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    api = Completions(url, "pdpush")
+    tail = LogTail(probe_log)
+    rounds = []
+    columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("context  load sent {task.fields[sent]}"), TimeElapsedColumn())  # fmt: skip
+    try:
+        await warm_up(api, spec)
+        with Progress(*columns) as bar:
+            for i, (label, qps) in enumerate(plan):
+                task = bar.add_task(label, total=spec.max_tokens, sent=0)
+
+                def progress(ctx: int, sent: int, task=task) -> None:
+                    bar.update(task, completed=min(ctx, spec.max_tokens), sent=sent)
+
+                rounds.append(await run_round(api, tail, spec, label, qps, seed + i, progress))
+    finally:
+        await api.aclose()
+    return rounds
+
+
+def write_outputs(out: Path, probe_log: Path, rounds: list[Round], proto: Protocol, meta: dict) -> dict:
+    from pdpush.bench.interference_plot import plot_latency, plot_rx
+
+    steps = load_steps(probe_log)
+    report = build_report(steps, rounds, proto, meta)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    plot_latency(steps, rounds, proto, out / "latency_vs_context.png")
+    plot_rx(steps, rounds, out / "rx_over_time.png")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        qps = check_args(args)
+    except ValueError as exc:
+        print(f"pdpush bench interference: {exc}", file=sys.stderr)
+        return 2
+    spec = RoundSpec(args.batch, args.max_tokens, args.load_from, args.prompt_len, args.load_output)
+    proto = Protocol(args.batch, args.measure_from, args.measure_to)
+    args.out.mkdir(parents=True, exist_ok=True)
+    probe_log = args.probe_log or args.out / "steps.jsonl"
+    if not args.decode_url:
+        probe_log.unlink(missing_ok=True)
+    plan = round_plan(qps, args.repeat_baseline)
+    meta = {"command": " ".join(["pdpush", *sys.argv[1:]]), "cpus": os.cpu_count(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": asdict(spec)}
+    servers = contextlib.nullcontext(args.decode_url) if args.decode_url else one_p_one_d(args, probe_log)
+    try:
+        with servers as url:
+            rounds = asyncio.run(run_rounds(url, probe_log, spec, plan, args.seed))
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the details with -v
+        log.debug("interference run failed", exc_info=True)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"pdpush bench interference: {first} (server logs: {args.out / 'logs'})", file=sys.stderr)
+        return 1
+    report = write_outputs(args.out, probe_log, rounds, proto, meta)
+    print(markdown(report))
+    print(f"reports and plots in {args.out}/")
+    return 0

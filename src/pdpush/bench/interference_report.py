@@ -1,0 +1,228 @@
+"""The interference experiment's arithmetic: from the probe's step records and the rounds' time
+windows to DecodeLatency per round, the seed's relative table, RX traffic and the probe's own cost.
+
+Pure functions over plain dicts (the probe's JSON lines), so the math is tested on synthetic records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+Step = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What counts as a DecodeLatency step: the background batch alone, contexts in the range."""
+
+    batch: int
+    measure_from: int = 1500
+    measure_to: int = 2000
+
+
+@dataclass(frozen=True)
+class Round:
+    """One run of the background batch at one QPS, as the bench saw it (wall-clock window)."""
+
+    label: str
+    qps: float
+    t_start: float
+    t_end: float
+    sent: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    steps: int  # steps that count
+    excluded: int  # steps in the context range whose batch was not the background batch alone
+    min_ms: float
+    max_ms: float
+    avg_ms: float
+    median_ms: float
+
+
+def load_steps(path: Path | str) -> list[Step]:
+    """The probe's JSON lines; a last line cut short by a live writer is skipped."""
+    steps = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return steps
+
+
+def in_round(steps: list[Step], rnd: Round) -> list[Step]:
+    return [s for s in steps if rnd.t_start <= s["t"] <= rnd.t_end]
+
+
+def is_background_only(step: Step, proto: Protocol) -> bool:
+    """A pure decode step of exactly the background batch (no prefill, no extra request)."""
+    return step["num_reqs"] == proto.batch and step["num_tokens"] == proto.batch
+
+
+def decode_latency(steps: list[Step], proto: Protocol, mode: str = "full") -> LatencyStats | None:
+    """Step latency over the measured contexts, over steps the probe ran fully (`mode`)."""
+    ranged = [
+        s for s in steps
+        if s["mode"] == mode and s["num_reqs"]
+        and s["ctx_min"] >= proto.measure_from and s["ctx_max"] <= proto.measure_to
+    ]  # fmt: skip
+    values = [s["latency_ms"] for s in ranged if is_background_only(s, proto)]
+    if not values:
+        return None
+    return LatencyStats(
+        steps=len(values), excluded=len(ranged) - len(values), min_ms=min(values),
+        max_ms=max(values), avg_ms=statistics.fmean(values), median_ms=statistics.median(values),
+    )  # fmt: skip
+
+
+def relative(stats: LatencyStats, base: LatencyStats) -> dict[str, float]:
+    """The seed's figures: (x - x at QPS 0) / (x at QPS 0) for min, max, avg."""
+    return {
+        key: (getattr(stats, f"{key}_ms") - getattr(base, f"{key}_ms")) / getattr(base, f"{key}_ms")
+        for key in ("min", "max", "avg")
+    }
+
+
+def rx_summary(steps: list[Step], rnd: Round) -> dict[str, Any]:
+    """Bytes received over the round, its mean rate and the RX source(s) the probe named."""
+    with_rx = [s for s in steps if s.get("rx_bytes") is not None]
+    total = sum(s["rx_bytes"] for s in with_rx)
+    seconds = rnd.t_end - rnd.t_start
+    sources = sorted({s["rx_source"] for s in with_rx if s.get("rx_source")})
+    return {"bytes": total, "mean_bps": total / seconds if seconds > 0 else 0.0, "sources": sources}
+
+
+def _runs(steps: list[Step]) -> list[tuple[str, list[Step]]]:
+    """Maximal runs of consecutive step indices with one probe mode."""
+    runs: list[tuple[str, list[Step]]] = []
+    for step in steps:
+        if runs and runs[-1][0] == step["mode"] and runs[-1][1][-1]["step"] + 1 == step["step"]:
+            runs[-1][1].append(step)
+        else:
+            runs.append((step["mode"], [step]))
+    return runs
+
+
+def _mean_and_sem(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], math.nan
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def probe_cost(steps: list[Step], proto: Protocol) -> dict[str, Any] | None:
+    """The probe's cost from its A/B windows on one engine: each bare window against the mean of
+    the full windows either side (cancels the slow rise of latency with context), per-window
+    medians, the first step of each window dropped (it carries the switch). Positive = the full
+    probe is slower. Also the probe's own measured work per step relative to the step period."""
+    background = [s for s in steps if is_background_only(s, proto)]
+    runs = [(m, run[1:]) for m, run in _runs(background) if len(run) > 2]
+    out: dict[str, Any] = {}
+    for key in ("period_ms", "latency_ms"):
+        ratios = []
+        for (m0, a), (m1, b), (m2, c) in zip(runs, runs[1:], runs[2:]):
+            if (m0, m1, m2) != ("full", "bare", "full"):
+                continue
+            medians = [statistics.median(s[key] for s in run if s[key] is not None) for run in (a, b, c)]
+            ratios.append((medians[0] + medians[2]) / 2 / medians[1] - 1)
+        if not ratios:
+            return None
+        mean, sem = _mean_and_sem(ratios)
+        out[key] = {"overhead": mean, "sem": sem, "windows": len(ratios)}
+    own = [s["probe_us"] / 1e3 / s["period_ms"] for m, run in runs if m == "full"
+           for s in run if s["probe_us"] is not None and s["period_ms"]]  # fmt: skip
+    out["own_work_share"] = statistics.fmean(own) if own else None
+    return out
+
+
+def build_report(steps: list[Step], rounds: list[Round], proto: Protocol, meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything the JSON report holds. The baseline is the first QPS-0 round with data; later
+    QPS-0 rounds appear in the relative table too, as the noise floor."""
+    per_round, stats_by_label = [], {}
+    for rnd in rounds:
+        in_rnd = in_round(steps, rnd)
+        stats = decode_latency(in_rnd, proto)
+        stats_by_label[rnd.label] = stats
+        per_round.append({
+            **asdict(rnd), "steps": len(in_rnd), "rx": rx_summary(in_rnd, rnd),
+            "decode_latency": asdict(stats) if stats else None,
+        })  # fmt: skip
+    base = next((r for r in rounds if r.qps == 0 and stats_by_label[r.label]), None)
+    table = {}
+    if base is not None:
+        base_stats = stats_by_label[base.label]
+        for rnd in rounds:
+            stats = stats_by_label[rnd.label]
+            if rnd is not base and stats is not None:
+                table[rnd.label] = relative(stats, base_stats)
+    quiet = [s for r in rounds if r.qps == 0 for s in in_round(steps, r)]
+    return {
+        "protocol": asdict(proto), "meta": meta, "rounds": per_round,
+        "baseline": base.label if base else None, "relative": table,
+        "probe_cost": probe_cost(quiet, proto),
+    }  # fmt: skip
+
+
+def _signed(value: float | None, digits: int = 7) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.{digits}f}"
+
+
+def _round_rows(report: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in report["rounds"]:
+        d, rx = r["decode_latency"], r["rx"]
+        times = " | ".join(f"{d[k]:.3f}" for k in ("min_ms", "max_ms", "avg_ms", "median_ms")) if d else "n/a | n/a | n/a | n/a"
+        rows.append(
+            f"| {r['label']} | {r['qps']:g} | {d['steps'] if d else 0} | {d['excluded'] if d else 0} | {times} "
+            f"| {r['sent']}/{r['completed']}/{r['failed']} | {rx['bytes']:,} | {rx['mean_bps'] / 1e6:.2f} "
+            f"| {', '.join(rx['sources']) or '-'} |"
+        )  # fmt: skip
+    return rows
+
+
+def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
+    if cost is None:
+        return ["Not measured (run with --probe-ab-steps > 0; needs QPS-0 rounds)."]
+    lines = [
+        f"- {key}: full probe vs bare {_signed(c['overhead'] * 100, 3)}% "
+        f"(± {c['sem'] * 100:.3f}% standard error over {c['windows']} window pairs)"
+        for key, c in ((k, cost[k]) for k in ("period_ms", "latency_ms"))
+    ]
+    share = cost["own_work_share"]
+    lines.append(f"- probe's own work per step: {share * 100:.3f}% of the step period" if share is not None
+                 else "- probe's own work per step: n/a")  # fmt: skip
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The seed's table (relative to the baseline), the absolute figures per round, probe cost."""
+    proto = report["protocol"]
+    labels = list(report["relative"])
+    lines = [
+        "# Decode interference", "",
+        f"Background batch {proto['batch']}, DecodeLatency = step latency over contexts "
+        f"{proto['measure_from']}–{proto['measure_to']}; relative to {report['baseline']}. "
+        "Repeated qps0 rounds show the noise floor.", "",
+        "| DecodeLatency | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|",
+    ]  # fmt: skip
+    for key in ("min", "max", "avg"):
+        lines.append(f"| {key} | " + " | ".join(_signed(report["relative"][lb][key]) for lb in labels) + " |")
+    lines += [
+        "", "## Rounds", "",
+        "| round | QPS | steps | excluded | min ms | max ms | avg ms | median ms "
+        "| load sent/done/failed | RX bytes | RX MB/s | RX source |",
+        "|---" * 12 + "|", *_round_rows(report), "", "## Probe cost (A/B windows, QPS-0 rounds)", "",
+        *_cost_lines(report["probe_cost"]), "",
+    ]  # fmt: skip
+    meta = report.get("meta") or {}
+    if meta:
+        lines += ["## Run", "", *(f"- {k}: {v}" for k, v in meta.items()), ""]
+    return "\n".join(lines)

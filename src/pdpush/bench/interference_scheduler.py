@@ -1,0 +1,50 @@
+"""D's scheduler for the interference experiment: the running batch is capped at B, yet requests
+that arrive meanwhile still get their remote prefill (and so P's writes into D) started.
+
+Why a subclass (loaded with `--scheduler-cls`, no patch): in vLLM 0.32 `Scheduler.schedule` asks the
+connector about a waiting request (`get_num_new_matched_tokens`, where pdpush decides remote and
+sends do_prefill) only inside the waiting loop, and that loop stops first when
+`len(running) >= max_num_active_seqs` or when the token budget (`max_num_scheduled_tokens`) is
+spent. So capping the batch with either setting (the seed set max_num_scheduled_tokens = B) also
+stops every do_prefill. With this class the two caps stay above B (no new request is refused a
+look) and the cap moves to the one point where a request with its KV already received would join
+the batch: while B or more requests run, such a request stays parked in WAITING_FOR_REMOTE_KVS and
+costs the worker nothing. When the background batch finishes, the parked requests run.
+
+Settings on D: `--scheduler-cls pdpush.bench.interference_scheduler.HoldScheduler
+--additional-config '{"pdpush_hold_running": B}'`, with max_num_seqs > B and
+max_num_batched_tokens > B. A request the policy keeps local still joins (the probe shows it as
+a step with more than B requests; the report leaves such steps out and counts them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+HOLD_KEY = "pdpush_hold_running"
+
+
+class HoldScheduler(Scheduler):
+    """vLLM's scheduler, except that remotely prefilled requests wait while the batch is full."""
+
+    def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(vllm_config, *args, **kwargs)
+        hold = (vllm_config.additional_config or {}).get(HOLD_KEY)
+        if not isinstance(hold, int) or hold < 1:
+            raise ValueError(f"HoldScheduler needs --additional-config '{{\"{HOLD_KEY}\": B}}', B >= 1")
+        for name, cap in (("max_num_seqs", self.max_num_active_reqs),
+                          ("max_num_batched_tokens", self.max_num_scheduled_tokens)):  # fmt: skip
+            if hold >= cap:
+                raise ValueError(f"{HOLD_KEY}={hold} must be below {name} ({cap})")
+        self.hold_running = hold
+
+    def _handle_blocked_waiting_request(self, request: Any) -> bool:
+        if (
+            request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+            and len(self.running) >= self.hold_running
+        ):
+            return False  # skipped this step: stays parked, KV kept, nothing on the worker
+        return super()._handle_blocked_waiting_request(request)

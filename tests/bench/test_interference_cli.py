@@ -1,0 +1,65 @@
+"""The interference command's argument checks, round plan, log tail and plots (no engines)."""
+
+import pytest
+
+from pdpush.bench.interference import check_args, round_plan
+from pdpush.bench.interference_load import LogTail
+from pdpush.bench.interference_plot import plot_latency, plot_rx
+from pdpush.bench.interference_report import Protocol, Round
+from pdpush.cli import build_parser, main
+
+
+def parse(*argv):
+    return build_parser().parse_args(["bench", "interference", *argv])
+
+
+def test_defaults_are_the_seeds_protocol():
+    args = parse()
+    assert check_args(args) == [0.0, 1.0, 2.0, 3.0]
+    assert (args.batch, args.max_tokens, args.load_from) == (64, 2000, 500)
+    assert (args.measure_from, args.measure_to, args.prompt_len, args.load_output) == (1500, 2000, 2000, 7)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--qps", "1,x"], "--qps must be comma-separated numbers"),
+        (["--qps", "1,2", "--repeat-baseline", "0"], "baseline"),
+        (["--measure-from", "100"], "--load-from < --measure-from"),
+        (["--measure-to", "2002"], "--measure-to <= --max-tokens + 1"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--decode-url", "http://127.0.0.1:1"], "go together"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+")):
+        check_args(parse(*argv))
+    assert main(["bench", "interference", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_round_plan_repeats_the_baseline_at_the_end():
+    assert round_plan([0, 1.5], 2) == [("qps0", 0), ("qps1.5", 1.5), ("qps0#2", 0.0), ("qps0#3", 0.0)]
+
+
+def test_log_tail_returns_only_complete_new_lines(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    tail = LogTail(path)
+    assert tail.read() == []  # not there yet
+    path.write_text('{"step": 0}\n{"step": 1')
+    assert tail.read() == [{"step": 0}]
+    with open(path, "a") as f:
+        f.write('}\n{"step": 2}\n')
+    assert tail.read() == [{"step": 1}, {"step": 2}]
+    assert tail.read() == []
+
+
+def test_plots_are_written(tmp_path):
+    steps = [{"step": i, "t": float(i), "mode": "full", "latency_ms": 5 + i / 100, "num_reqs": 2,
+              "num_tokens": 2, "ctx_max": i + 2, "rx_bps": 1e6 * (i % 3), "rx_source": "engine"}
+             for i in range(50)]  # fmt: skip
+    rounds = [Round("qps0", 0, 0.0, 24.0), Round("qps1", 1, 25.0, 49.0)]
+    for path in (plot_latency(steps, rounds, Protocol(2, 10, 40), tmp_path / "lat.png"),
+                 plot_rx(steps, rounds, tmp_path / "rx.png")):  # fmt: skip
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
