@@ -20,8 +20,8 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,8 @@ def batch_stats_from(scheduler_output: Any) -> BatchStats:
     ]
     if not contexts:
         return BatchStats(0, 0, 0, 0, 0)
-    return BatchStats(
-        num_reqs=len(contexts),
-        num_tokens=int(scheduler_output.total_num_scheduled_tokens),
-        ctx_min=min(contexts),
-        ctx_max=max(contexts),
-        ctx_sum=sum(contexts),
-    )
-
-
-# --------------------------------------------------------------------------- RX sources
+    total = int(scheduler_output.total_num_scheduled_tokens)
+    return BatchStats(len(contexts), total, min(contexts), max(contexts), sum(contexts))
 
 
 @dataclass(frozen=True)
@@ -84,6 +76,7 @@ class RxSource:
 
     name: str
     read: Callable[[], tuple[int, int | None]] | None = None
+    close: Callable[[], None] | None = None
 
     def totals(self, engine_rx_bytes: int) -> RxTotals:
         if self.read is None:
@@ -123,18 +116,27 @@ class RxMeter:
         return RxRate(dbytes, dbytes / dt, pps)
 
 
-def rdma_rx_source() -> RxSource | None:
-    """RDMA counters when the reader finds at least one port, else None (no device, no kernel
-    support, reader missing)."""
+def rdma_rx_source(make_reader: Callable[[], Any] | None = None) -> RxSource | None:
+    """RDMA hardware counters summed over D's ports when some port has an RX byte counter, else
+    None (no device, no kernel support): the caller then counts the transfer engine's bytes."""
     try:
-        from pdpush.rdma import RdmaCounterReader  # type: ignore[attr-defined]
-
-        reader = RdmaCounterReader()
-        reader.rx_totals()  # probe once: raises where there is no RDMA support
+        if make_reader is None:
+            from pdpush.rdma import RdmaCounterReader as make_reader
+        reader = make_reader()
+        usable = bool(reader.ports()) and reader.rx_tx_totals()["rx_bytes"] is not None
     except Exception as exc:  # noqa: BLE001 - any failure means "no usable RDMA counters"
         log.info("probe: no RDMA counters (%s)", exc)
         return None
-    return RxSource("rdma", reader.rx_totals)
+    if not usable:
+        reader.close()
+        log.info("probe: no RDMA port with an RX byte counter")
+        return None
+
+    def read() -> tuple[int, int | None]:
+        totals = reader.rx_tx_totals()
+        return totals["rx_bytes"] or 0, totals["rx_packets"]
+
+    return RxSource(f"rdma-{reader.source}", read, reader.close)
 
 
 def make_rx_source(kind: str) -> RxSource | None:
@@ -146,9 +148,6 @@ def make_rx_source(kind: str) -> RxSource | None:
     if kind == "rdma" and rdma is None:
         raise ValueError("probe_rx=rdma but no RDMA device counters are readable here")
     return rdma or ENGINE_RX
-
-
-# --------------------------------------------------------------------------- timers
 
 
 class CpuTimer:
@@ -200,9 +199,6 @@ def make_timer(kind: str) -> CpuTimer | CudaTimer:
     if kind == "cuda":
         raise ValueError("probe_timer=cuda but torch sees no CUDA device")
     return CpuTimer()
-
-
-# --------------------------------------------------------------------------- outputs
 
 
 class ProbeMetrics:
@@ -259,9 +255,6 @@ def _choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
     return value
-
-
-# --------------------------------------------------------------------------- the probe
 
 
 @dataclass
@@ -395,3 +388,5 @@ class StepProbe:
             self._file = None
         if self.metrics is not None:
             self.metrics.close()
+        if self.meter is not None and self.meter.source.close is not None:
+            self.meter.source.close()

@@ -2,6 +2,7 @@
 resolution, the A/B windows and the Prometheus endpoint. No vLLM import."""
 
 import json
+import os
 import socket
 import time
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ from pdpush.probe import (
     RxSource,
     StepProbe,
     batch_stats_from,
+    rdma_rx_source,
 )
 
 
@@ -175,3 +177,45 @@ def test_from_config_is_off_by_default_and_on_first_rank_only(tmp_path):
 def test_from_config_rejects_bad_settings(config, message):
     with pytest.raises(ValueError, match=message):
         StepProbe.from_config(config, rank=0)
+
+
+def fake_sysfs(root, rcv_words: int, packets: int):
+    """ROOT/class/infiniband/mlx5_0/ports/1/counters as the kernel lays it out."""
+    counters = root / "class" / "infiniband" / "mlx5_0" / "ports" / "1" / "counters"
+    counters.mkdir(parents=True, exist_ok=True)
+    (counters / "port_rcv_data").write_text(f"{rcv_words}\n")  # 4-byte words
+    (counters / "port_rcv_packets").write_text(f"{packets}\n")
+
+
+def sysfs_reader(root):
+    from pdpush.rdma import RdmaCounterReader
+
+    return lambda: RdmaCounterReader(source="sysfs", sysfs_root=str(root))
+
+
+def test_rdma_counters_are_the_rx_source_when_a_port_exists(tmp_path):
+    fake_sysfs(tmp_path, rcv_words=1000, packets=10)
+    source = rdma_rx_source(sysfs_reader(tmp_path))
+    assert source is not None and source.name == "rdma-sysfs"
+    meter = RxMeter(source)
+    meter.sample(0, now=1.0)
+    fake_sysfs(tmp_path, rcv_words=1000 + 2048, packets=14)
+    rate = meter.sample(0, now=2.0)
+    assert (rate.bytes, rate.bps, rate.pps) == (8192, 8192.0, 4.0)
+    source.close()
+
+
+def test_no_rdma_port_means_no_rdma_source(tmp_path):
+    assert rdma_rx_source(sysfs_reader(tmp_path)) is None
+
+
+HAS_RDMA_PORTS = os.path.isdir("/sys/class/infiniband") and bool(os.listdir("/sys/class/infiniband"))
+
+
+@pytest.mark.skipif(HAS_RDMA_PORTS, reason="this machine has RDMA devices")
+def test_without_rdma_devices_auto_counts_engine_bytes_and_rdma_is_an_error(tmp_path):
+    probe = StepProbe.from_config({"probe_log": str(tmp_path / "x"), "probe_timer": "cpu"}, rank=0)
+    assert probe.meter.source.name == "engine"
+    probe.close()
+    with pytest.raises(ValueError, match="no RDMA device counters"):
+        StepProbe.from_config({"probe_log": str(tmp_path / "x"), "probe_rx": "rdma"}, rank=0)
