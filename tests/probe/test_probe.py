@@ -142,7 +142,9 @@ def free_port() -> int:
 
 def test_from_config_serves_prometheus_metrics(tmp_path):
     port = free_port()
-    probe = StepProbe.from_config({"probe_metrics": port, "probe_rx": "engine"}, rank=0)
+    probe = StepProbe.from_config(
+        {"probe_metrics": port, "probe_rx": "engine", "probe_timer": "cpu"}, rank=0
+    )
     try:
         run_steps(probe, 3, rx_per_step=1000)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
