@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("pdpush.up", "start 1 D + N P vLLM servers on this machine and keep them up"),
     "demo": ("pdpush.demo", "send a few requests through D: where prefilled, TTFT, TPOT"),
     "rdma-stat": ("pdpush.rdma.cli", "read RDMA hardware counters (netlink or sysfs)"),
+    "bench-rdma": ("pdpush.bench.rdma_sample", "benchmark: µs per RDMA counter sample over netlink"),
     "bench": ("pdpush.bench.cli", "benchmarks: interference (decode latency under P's KV push)"),
 }
 
