@@ -165,12 +165,27 @@ def test_device_disappearing_between_samples(kernel):
     assert [s.device for s in reader.read()] == ["erdma_0"]
 
 
-def test_einval_for_a_present_port_is_not_device_gone(kernel):
+def test_port_without_hardware_counters_reads_empty(kernel):
+    """stat_get_doit_default_counter answers EINVAL when the port has no rdma_hw_stats."""
+    reader = RdmaCounterReader(netlink=RdmaNetlink(kernel.client))
+    model = kernel.model.answer
+    no_stats = {(0, 1), (3, 2)}
+
+    def answer(r):
+        if r.mtype == k.TYPE_STAT_GET and (r.u32(k.A_DEV_INDEX), r.u32(k.A_PORT_INDEX)) in no_stats:
+            return [k.error(r.seq, errno.EINVAL, r.raw)]
+        return model(r)
+
+    kernel.responder = answer
+    assert [(s.link, len(s.counters)) for s in reader.read()] == [("erdma_0/1", 0), ("mlx5_1/1", 2), ("mlx5_1/2", 0)]
+
+
+def test_other_errors_for_a_present_port_are_raised(kernel):
     reader = RdmaCounterReader(netlink=RdmaNetlink(kernel.client))
     reader.ports()
     model = kernel.model.answer
-    kernel.responder = lambda r: [k.error(r.seq, errno.EINVAL)] if r.mtype == k.TYPE_STAT_GET else model(r)
-    with pytest.raises(KernelError, match="EINVAL"):
+    kernel.responder = lambda r: [k.error(r.seq, errno.EIO)] if r.mtype == k.TYPE_STAT_GET else model(r)
+    with pytest.raises(KernelError, match="EIO"):
         reader.read()
 
 

@@ -84,7 +84,9 @@ def _read(reader: RdmaCounterReader, args: argparse.Namespace) -> list[PortCount
 
 
 def _no_devices(reader: RdmaCounterReader, args: argparse.Namespace) -> None:
-    where = "the kernel (netlink)" if reader.source == "netlink" else f"{args.sysfs_root}/class/infiniband"
+    where = f"{args.sysfs_root}/class/infiniband"
+    if reader.source == "netlink":
+        where = "the kernel (netlink)"
     _say(f"no RDMA devices found in {where}")
 
 

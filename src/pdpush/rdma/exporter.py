@@ -42,9 +42,9 @@ class RdmaCollector:
         if samples is None:
             return
         labels = ["device", "port", "source"]
-        hw = CounterMetricFamily("rdma_hw_counter", "RDMA hardware counter", labels=labels + ["counter"])
+        hw = CounterMetricFamily("rdma_hw_counter", "RDMA hardware counter", labels=[*labels, "counter"])
         traffic = {
-            q: CounterMetricFamily(f"rdma_{q}", f"RDMA {q.replace('_', ' ')} per the driver table", labels=labels)
+            q: CounterMetricFamily(f"rdma_{q}", f"RDMA {q} per the driver counter table", labels=labels)
             for q in QUANTITIES
         }
         for s in samples:

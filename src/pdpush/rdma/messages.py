@@ -83,7 +83,9 @@ def _attr_at(data: bytes, start: int, end: int) -> tuple[int, int, int]:
     """(type without NLA_F_* flags, payload end, next attribute) of the attribute at `start`."""
     length, atype = _NLA_HDR.unpack_from(data, start)
     if length < 4 or start + length > end:
-        raise MalformedMessage(f"netlink attribute claims {length} bytes, {end - start} remain in its parent")
+        raise MalformedMessage(
+            f"netlink attribute claims {length} bytes, {end - start} remain in its parent"
+        )
     return atype & _NLA_TYPE_MASK, start + length, start + ((length + 3) & ~3)
 
 
@@ -104,7 +106,8 @@ def _counter_table(data: bytes, start: int, end: int) -> dict[str, int]:
                     name = bytes(data[pos + 4 : payload_end - 1]).decode("utf-8", "replace")
                 elif inner == RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE:
                     if payload_end - pos != 12:
-                        raise MalformedMessage(f"hardware counter value of {payload_end - pos - 4} bytes, not 8")
+                        size = payload_end - pos - 4
+                        raise MalformedMessage(f"hardware counter value of {size} bytes, not 8")
                     (value,) = _U64.unpack_from(data, pos + 4)
                 pos = pos_next
             if name is None or value is None:
@@ -137,6 +140,7 @@ class _StrictAtoms:
 
 
 PAD = "RDMA_NLDEV_ATTR_PAD"  # 64-bit alignment padding, type 0, skipped on decode
+_ENTRY = "RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY"
 
 
 class _HwCounterEntry(_Checked, _StrictAtoms, nla):
@@ -144,8 +148,8 @@ class _HwCounterEntry(_Checked, _StrictAtoms, nla):
     nla_flags = NLA_F_NESTED
     nla_map = (
         (RDMA_NLDEV_ATTR_PAD, PAD, "none"),
-        (RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_NAME, "RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_NAME", "string"),
-        (RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE, "RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE", "u64"),
+        (RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_NAME, f"{_ENTRY}_NAME", "string"),
+        (RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE, f"{_ENTRY}_VALUE", "u64"),
     )
 
 
@@ -158,7 +162,7 @@ class _HwCounters(_Checked, _StrictAtoms, nla):
     nla_flags = NLA_F_NESTED
     nla_map = (
         (RDMA_NLDEV_ATTR_PAD, PAD, "none"),
-        (RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY, "RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY", "entry"),
+        (RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY, _ENTRY, "entry"),
     )
     entry = _HwCounterEntry
 

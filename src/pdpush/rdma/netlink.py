@@ -80,7 +80,7 @@ class _Exchange:
                 self.replies.append(message)
                 self.done = not (self.dump or flags & NLM_F_MULTI)
             elif mtype != NLMSG_NOOP:
-                raise MalformedMessage(f"unexpected netlink message type {mtype} in reply to {self.what}")
+                raise MalformedMessage(f"unexpected message type {mtype} in reply to {self.what}")
 
     def _finish(self, mtype: int, raw: bytes) -> None:
         body = raw[NLMSGHDR.size :]

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from pdpush.rdma.counters import DRIVER_TABLE, QUANTITIES, PortCounters, TrafficNames, rx_tx_totals
-from pdpush.rdma.errors import DeviceGone, KernelError, NetlinkUnavailable, PermissionDenied, RdmaError
+from pdpush.rdma.errors import (
+    DeviceGone,
+    KernelError,
+    NetlinkUnavailable,
+    PermissionDenied,
+    RdmaError,
+)
 from pdpush.rdma.sysfs import SysfsSource
 
 log = logging.getLogger(__name__)
@@ -108,11 +114,21 @@ class RdmaCounterReader:
             try:
                 counters = self._netlink.stat(target.handle, target.port)
             except KernelError as exc:
-                # the kernel answers EINVAL/ENODEV for a device index it no longer knows
-                if exc.errno in (errno.EINVAL, errno.ENODEV) and not self._still_there(target):
-                    raise DeviceGone(f"{target.device}/{target.port} disappeared between samples") from None
-                raise
-        return PortCounters(target.device, target.port, counters, self.source, time.monotonic(), target.driver)
+                counters = self._after_error(target, exc)
+        now = time.monotonic()
+        return PortCounters(target.device, target.port, counters, self.source, now, target.driver)
+
+    def _after_error(self, target: _Target, exc: KernelError) -> dict[str, int]:
+        """The kernel answers EINVAL/ENODEV for a device index it no longer knows, and
+        EINVAL/EOPNOTSUPP for a port without hardware counters (no rdma_hw_stats)."""
+        if exc.errno not in (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP):
+            raise exc
+        if not self._still_there(target):
+            raise DeviceGone(f"{target.device}/{target.port} disappeared between samples") from None
+        if exc.errno == errno.ENODEV:
+            raise exc
+        log.debug("%s/%d has no hardware counters: %s", target.device, target.port, exc)
+        return {}
 
     def _still_there(self, target: _Target) -> bool:
         return any(

@@ -38,6 +38,10 @@ def _denied(path: Path) -> PermissionDenied:
     return PermissionDenied(f"permission denied reading {path}")
 
 
+def _gone(port: SysfsPort, path: Path) -> DeviceGone:
+    return DeviceGone(f"{port.device}/{port.port} disappeared ({path} is gone)")
+
+
 class SysfsSource:
     """Enumerates ports and reads their counters below `root` (default /sys)."""
 
@@ -74,7 +78,7 @@ class SysfsSource:
                 names = os.listdir(directory)
             except FileNotFoundError:
                 if not port.path.exists():
-                    raise DeviceGone(f"{port.device}/{port.port} disappeared ({port.path} is gone)") from None
+                    raise _gone(port, port.path) from None
                 continue  # a device may have only one of the two directories
             except PermissionError:
                 raise _denied(directory) from None
@@ -95,7 +99,7 @@ def _read_int(path: Path, port: SysfsPort) -> int | None:
     except PermissionError:
         raise _denied(path) from None
     except FileNotFoundError:
-        raise DeviceGone(f"{port.device}/{port.port} disappeared ({path} is gone)") from None
+        raise _gone(port, path) from None
     except OSError as exc:
         if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.EIO, errno.ENODATA):
             log.debug("unreadable counter %s: %s", path, exc.strerror)
