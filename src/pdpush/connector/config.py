@@ -46,6 +46,9 @@ class PdpushConfig:
     # D: worker rank r serves its NIXL metadata on side_channel_port + r.
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 5600
+    # Both: serve live connector stats (free KV blocks, decisions, fallbacks) as JSON on
+    # side_channel_host:stats_port/stats from the scheduler process; 0 = off.
+    stats_port: int = 0
     # P: how long P waits for D's side channel before giving up on a request.
     side_channel_timeout_s: float = 5.0
     # Extra keys owned by the step probe, kept verbatim.
@@ -83,8 +86,10 @@ class PdpushConfig:
             raise ConfigError("pdpush: lease_grace_s must be >= 0")
         if self.on_failure not in ON_FAILURE:
             raise ConfigError(f"pdpush: on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
-        if not 0 < self.side_channel_port < 65536:
-            raise ConfigError(f"pdpush: side_channel_port out of range: {self.side_channel_port}")
+        for name in ("side_channel_port", "stats_port"):
+            port = getattr(self, name)
+            if not (0 <= port < 65536 and (port or name == "stats_port")):
+                raise ConfigError(f"pdpush: {name} out of range: {port}")
         for url in self.prefill_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"pdpush: prefill_urls entries must be http(s) URLs, got {url!r}")

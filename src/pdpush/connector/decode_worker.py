@@ -1,0 +1,114 @@
+"""D's worker half: own the NIXL agent P writes into, serve its metadata, report arrivals.
+
+Per step it does no per-request work for requests still waiting for KV: it only drains the
+agent's notifications. A request is reported received after P's completion notification (sent
+after P saw every WRITE complete) and after the receive fence (flush rule, transfer/ordering.py);
+it is reported failed when P says so or when the scheduler gives it up (lease ended).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any
+
+from pdpush.connector.config import PdpushConfig
+from pdpush.connector.kv_region import LocalKV
+from pdpush.connector.metadata import DecodeStepMeta, Notif
+from pdpush.rpc.json_server import JsonServer
+from pdpush.transfer.engine import TransferEngine
+from pdpush.transfer.ordering import ReceiveFence
+
+log = logging.getLogger("vllm.pdpush.decode")  # under vllm: shown in its log
+EARLY_NOTIF_TTL_S = 600.0  # a notification may beat the scheduler's "expect": keep it a while
+
+
+class DecodeWorker:
+    def __init__(self, config: PdpushConfig, engine_id: str, rank: int, num_blocks: int,
+                 probe: Any = None) -> None:
+        self.config = config
+        self.rank = rank
+        self.num_blocks = num_blocks
+        self.probe = probe
+        self.agent_name = f"pdpush-d-{engine_id}-{rank}"
+        self.engine: TransferEngine | None = None
+        self.fence: ReceiveFence | None = None
+        self.server: JsonServer | None = None
+        self.kv: LocalKV | None = None
+        self.rx_bytes = 0  # bytes P reported written into this rank, for the step probe
+        self._expected: set[str] = set()
+        self._early: dict[str, tuple[Notif, float]] = {}
+        self._done: set[str] = set()
+        self._failed: set[str] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
+        self.engine = TransferEngine(self.agent_name)
+        self.kv.register(self.engine)
+        device = self.kv.placement.device if self.kv.placement.kind == "VRAM" else None
+        self.fence = ReceiveFence.for_device(device)
+        port = self.config.side_channel_port + self.rank
+        self.server = JsonServer(self.config.side_channel_host, port, {"/meta": self.describe})
+        log.info("pdpush D rank %d: %d layers registered, metadata on %s:%d (fence ordering %d)",
+                 self.rank, len(self.kv.layer_names), self.config.side_channel_host, port,
+                 self.fence.ordering)
+
+    def describe(self) -> dict[str, Any]:
+        assert self.engine is not None and self.kv is not None
+        return {"agent": self.agent_name,
+                "metadata": base64.b64encode(self.engine.metadata()).decode(),
+                **self.kv.describe()}
+
+    def start_load_kv(self, meta: DecodeStepMeta) -> None:
+        self._expected.update(meta.expect)
+        for req_id in meta.expect:
+            early = self._early.pop(req_id, None)
+            if early is not None:
+                self._settle(early[0])
+        for req_id in meta.give_up:
+            if req_id in self._expected:
+                self._expected.discard(req_id)
+                self._done.add(req_id)
+                self._failed.add(req_id)
+
+    def transfer_results(self) -> tuple[set[str], set[str]]:
+        """(received, failed) since the last call; failed ones are in received too (vLLM's rule)."""
+        self._poll()
+        done, failed = self._done, self._failed
+        self._done, self._failed = set(), set()
+        return done, failed
+
+    def _poll(self) -> None:
+        if self.engine is None:
+            return
+        now = time.monotonic()
+        for messages in self.engine.notifications().values():
+            for raw in messages:
+                notif = Notif.decode(raw)
+                if notif is None:
+                    continue
+                if notif.d_req_id in self._expected:
+                    self._settle(notif)
+                else:
+                    self._early[notif.d_req_id] = (notif, now)
+        stale = [r for r, (_, t) in self._early.items() if now - t > EARLY_NOTIF_TTL_S]
+        for req_id in stale:
+            del self._early[req_id]
+
+    def _settle(self, notif: Notif) -> None:
+        self._expected.discard(notif.d_req_id)
+        self._done.add(notif.d_req_id)
+        self.rx_bytes += notif.nbytes
+        if notif.ok:
+            assert self.fence is not None
+            self.fence.after_writes()
+        else:
+            log.warning("pdpush: %s: P stopped pushing: %s", notif.d_req_id, notif.reason)
+            self._failed.add(notif.d_req_id)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.engine is not None:
+            self.engine.close()

@@ -1,0 +1,148 @@
+"""What travels between the connector's halves and between D and P, as plain dataclasses.
+
+- `PushTarget`: D → P inside `kv_transfer_params` of the do_prefill request (validated on P).
+- `PushTask` / `PrefillStepMeta`: P's scheduler → P's workers, one step's blocks to WRITE.
+- `DecodeStepMeta`: D's scheduler → D's workers: which requests to expect, which to give up on.
+- `Notif`: P worker → D worker over NIXL after the last WRITE (or instead of it, on failure).
+
+No vLLM import, so all of it is unit-tested in milliseconds; the facade wraps the step metas in
+vLLM's KVConnectorMetadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PARAMS_KEY = "pdpush"  # kv_transfer_params[PARAMS_KEY] carries the PushTarget
+CLIENT_MODE_KEY = "pdpush_prefill"  # client → D: "auto" (default), "local" or "remote"
+CLIENT_MODES = ("auto", "local", "remote")
+# Debug/test seam: client → D, token ids sent to P instead of the prompt. The control test uses
+# it to prove that D really decodes from the pushed KV (B's prompt with A's KV gives A's text).
+CLIENT_TOKENS_KEY = "pdpush_prefill_tokens"
+
+
+class ParamsError(ValueError):
+    """Malformed kv_transfer_params; the message says which field and why."""
+
+
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where P writes one request's KV: D's blocks for the whole prompt, from `skip_tokens` on."""
+
+    d_req_id: str  # D's engine request id; P echoes it in the completion notification
+    d_engine_id: str
+    side_channel: str  # "host:port" of D's rank-0 metadata server; rank r is port + r
+    d_block_ids: tuple[int, ...]
+    skip_tokens: int  # D's prefix-cache hit, block aligned: those blocks are not pushed
+    block_size: int
+    deadline: float  # unix time; P posts no WRITE after it
+
+    def to_params(self) -> dict[str, Any]:
+        return {PARAMS_KEY: {**asdict(self), "d_block_ids": list(self.d_block_ids)}}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> "PushTarget | None":
+        """None when the request is not a pdpush prefill; ParamsError when it is but is broken."""
+        if not params or PARAMS_KEY not in params:
+            return None
+        raw = params[PARAMS_KEY]
+        if not isinstance(raw, dict):
+            raise ParamsError(f"kv_transfer_params.{PARAMS_KEY} must be an object")
+        expected = {"d_req_id": str, "d_engine_id": str, "side_channel": str,
+                    "d_block_ids": list, "skip_tokens": int, "block_size": int,
+                    "deadline": (int, float)}
+        for name, kind in expected.items():
+            if name not in raw:
+                raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.{name} is missing")
+            if not isinstance(raw[name], kind) or isinstance(raw[name], bool):
+                raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.{name} has the wrong type")
+        if not all(isinstance(b, int) and b >= 0 for b in raw["d_block_ids"]):
+            raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.d_block_ids must be block ids")
+        if raw["block_size"] <= 0 or raw["skip_tokens"] < 0 or raw["skip_tokens"] % raw["block_size"]:
+            raise ParamsError(
+                f"kv_transfer_params.{PARAMS_KEY}: skip_tokens must be a multiple of block_size"
+            )
+        host, _, port = raw["side_channel"].rpartition(":")
+        if not host or not port.isdigit():
+            raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.side_channel must be host:port")
+        return cls(**{**{k: raw[k] for k in expected}, "d_block_ids": tuple(raw["d_block_ids"])})
+
+    def check_prompt(self, num_prompt_tokens: int, block_size: int) -> None:
+        """P's own geometry must match: same block size, enough D blocks for the prompt."""
+        if block_size != self.block_size:
+            raise ParamsError(f"block size differs: P {block_size}, D {self.block_size}")
+        need = blocks_for_tokens(num_prompt_tokens, block_size)
+        if len(self.d_block_ids) != need:
+            raise ParamsError(
+                f"{len(self.d_block_ids)} D blocks for a {num_prompt_tokens}-token prompt "
+                f"(block size {block_size}) but {need} are needed"
+            )
+
+
+def client_mode(params: dict[str, Any] | None) -> tuple[str, list[int] | None]:
+    """The client's optional routing hint on D: (mode, tokens for P); ParamsError if bad."""
+    params = params or {}
+    mode = params.get(CLIENT_MODE_KEY, "auto")
+    if mode not in CLIENT_MODES:
+        raise ParamsError(f"kv_transfer_params.{CLIENT_MODE_KEY} must be one of {CLIENT_MODES}, got {mode!r}")
+    tokens = params.get(CLIENT_TOKENS_KEY)
+    if tokens is not None and not (
+        isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)
+    ):
+        raise ParamsError(f"kv_transfer_params.{CLIENT_TOKENS_KEY} must be a list of token ids")
+    return mode, tokens
+
+
+@dataclass
+class PushTask:
+    """Blocks of one request to WRITE after each layer of this step (same order P and D)."""
+
+    req_id: str  # P's engine request id
+    target: PushTarget
+    p_block_ids: list[int]
+    d_block_ids: list[int]
+    last: bool  # the prompt completes this step: send the notification after these WRITEs
+
+
+@dataclass
+class PrefillStepMeta:
+    tasks: list[PushTask] = field(default_factory=list)
+    # P requests that ended before their last push (abort, error): stop and tell D.
+    stopped: dict[str, PushTarget] = field(default_factory=dict)
+
+
+@dataclass
+class DecodeStepMeta:
+    # D requests whose KV is now on its way: match their notifications.
+    expect: list[str] = field(default_factory=list)
+    # D requests whose remote prefill is over without KV (P error, lease ended): report failed.
+    give_up: list[str] = field(default_factory=list)
+    batch_stats: Any = None  # pdpush.probe.BatchStats when the step probe is on
+
+
+@dataclass(frozen=True)
+class Notif:
+    """P's last word on one request: ok after every WRITE completed, else why it stopped."""
+
+    d_req_id: str
+    ok: bool
+    nbytes: int = 0
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Notif | None":
+        """None for anything that is not one of ours (NIXL peers may send other notifs)."""
+        try:
+            raw = json.loads(data)
+            return cls(str(raw["d_req_id"]), bool(raw["ok"]), int(raw["nbytes"]), str(raw["reason"]))
+        except (ValueError, KeyError, TypeError):
+            return None

@@ -1,0 +1,129 @@
+"""P's scheduler half: read the push target, plan each step's blocks, hold blocks until pushed.
+
+A prefill arrives from D as an ordinary completion with the push target in
+`kv_transfer_params`. Every step that computes part of its prompt, the blocks that became
+complete (and, when the prompt completes, the last partial block) are handed to the workers,
+which WRITE them layer by layer. P's own prefix-cache hits are pushed too (D lacks them); D's
+are not (`skip_tokens`). When the request finishes, its blocks stay allocated until the workers
+report every WRITE complete (finished_sending).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pdpush.connector.metadata import (
+    ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
+log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
+
+
+@dataclass
+class Push:
+    target: PushTarget
+    num_prompt: int
+    next_block: int  # first prompt block not yet handed to the workers
+    planned_last: bool = False
+
+
+@dataclass
+class PrefillScheduler:
+    block_size: int
+    get_block_ids: Any = None  # req_id -> P block ids of group 0 (bound to vLLM's manager)
+    _pushes: dict[str, Push] = field(default_factory=dict)
+    _errors: dict[str, str] = field(default_factory=dict)
+    _held: set[str] = field(default_factory=set)
+    _stopped: dict[str, PushTarget] = field(default_factory=dict)
+    pushed_requests: int = 0
+    rejected_requests: int = 0
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed: int) -> tuple[int, bool]:
+        """P loads nothing; this is where the push target is read and validated (idempotent)."""
+        req_id = request.request_id
+        if req_id in self._pushes or req_id in self._errors:
+            return 0, False
+        try:
+            target = PushTarget.from_params(request.kv_transfer_params)
+            if target is None:
+                return 0, False
+            target.check_prompt(request.num_prompt_tokens, self.block_size)
+            if time.time() > target.deadline:
+                raise ParamsError("the request's deadline passed before P started it")
+        except ParamsError as exc:
+            log.error("pdpush: rejecting push for %s: %s", req_id, exc)
+            self._errors[req_id] = str(exc)
+            self.rejected_requests += 1
+            return 0, False
+        self._pushes[req_id] = Push(target, request.num_prompt_tokens,
+                                    target.skip_tokens // self.block_size)
+        return 0, False
+
+    def build_meta(self, scheduler_output: Any) -> PrefillStepMeta:
+        computed = _computed_before_step(scheduler_output)
+        meta = PrefillStepMeta(stopped=self._stopped)
+        self._stopped = {}
+        for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
+            push = self._pushes.get(req_id)
+            if push is None or push.planned_last or req_id not in computed:
+                continue
+            task = self.plan(req_id, push, computed[req_id] + num_new)
+            if task is not None:
+                meta.tasks.append(task)
+        return meta
+
+    def plan(self, req_id: str, push: Push, computed_after: int) -> PushTask | None:
+        """Blocks complete once this step's tokens are in; all remaining ones at the end."""
+        last = computed_after >= push.num_prompt
+        end = blocks_for_tokens(push.num_prompt, self.block_size) if last else \
+            computed_after // self.block_size
+        start = push.next_block
+        if end <= start and not last:
+            return None
+        push.next_block = max(start, end)
+        push.planned_last = last
+        p_ids = list(self.get_block_ids(req_id)[start:end]) if end > start else []
+        return PushTask(req_id, push.target, p_ids, list(push.target.d_block_ids[start:end]), last)
+
+    def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
+        req_id = request.request_id
+        error = self._errors.pop(req_id, None)
+        if error is not None:
+            return False, {"pdpush_error": error}
+        push = self._pushes.get(req_id)
+        if push is None:
+            return False, None
+        if not push.planned_last:
+            self._stopped[req_id] = push.target
+        self._held.add(req_id)
+        self.pushed_requests += 1
+        return True, {"pdpush": {"pushed": push.planned_last}}
+
+    def update_connector_output(self, finished_sending: set[str]) -> None:
+        for req_id in finished_sending:
+            self._held.discard(req_id)
+            self._pushes.pop(req_id, None)
+
+    def has_pending(self) -> bool:
+        return bool(self._held)
+
+    def stats(self) -> dict[str, Any]:
+        return {"pushed_requests": self.pushed_requests, "rejected_requests": self.rejected_requests,
+                "held_requests": len(self._held), "tracked_requests": len(self._pushes)}
+
+    def close(self) -> None:
+        return
+
+
+def _computed_before_step(scheduler_output: Any) -> dict[str, int]:
+    """Tokens each scheduled request had computed before this step (new and running ones)."""
+    computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+    cached = scheduler_output.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+    return computed

@@ -1,0 +1,181 @@
+"""D's do_prefill client: asynchronous, off the scheduler thread, with deadlines and cancel.
+
+do_prefill is P's OpenAI `/v1/completions` with the prompt as token ids, `max_tokens=1` and the
+push target in `kv_transfer_params`; P answers with its first token. Cancelling the call closes
+the HTTP connection, which makes P's server abort the request (and P's connector tell D).
+
+All network work runs on one asyncio loop in a daemon thread. The scheduler thread only calls
+`submit`, `cancel` and the non-blocking `drain_*` methods, so it never waits on a P.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+_WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+]+)", re.MULTILINE)
+
+
+@dataclass
+class PrefillJob:
+    req_id: str  # D's engine request id
+    url: str  # P's base URL
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]  # OpenAI sampling fields for P's one token (temperature, seed, ...)
+    kv_transfer_params: dict[str, Any]
+    deadline: float  # unix time; the call is abandoned after it
+
+
+@dataclass
+class PrefillResult:
+    req_id: str
+    url: str
+    ok: bool
+    first_token: int | None = None
+    error: str = ""
+    # False only when P certainly never started pushing (refused, rejected, bad params):
+    # then D may reuse the blocks at once instead of waiting for the lease to end.
+    may_have_written: bool = True
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class HealthReport:
+    url: str
+    ok: bool
+    queue: int = 0
+
+
+@dataclass
+class _Loop:
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.loop.run_forever, name="pdpush-rpc", daemon=True)
+        self.thread.start()
+
+    def call(self, coro) -> "asyncio.Future":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+
+class PrefillClient:
+    """Sends do_prefill calls and health checks; results are collected by `drain_results`."""
+
+    def __init__(self, urls: tuple[str, ...], health_interval_s: float) -> None:
+        self._urls = urls
+        self._health_interval_s = health_interval_s
+        self._results: queue.Queue[PrefillResult] = queue.Queue()
+        self._health: queue.Queue[HealthReport] = queue.Queue()
+        self._calls: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._loop = _Loop()
+        self._loop.start()
+        self._client: httpx.AsyncClient = self._loop.call(self._make_client()).result()
+        self._health_task = self._loop.call(self._health_loop())
+
+    @staticmethod
+    async def _make_client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(limits=httpx.Limits(max_connections=256), trust_env=False)
+
+    def submit(self, job: PrefillJob) -> None:
+        future = self._loop.call(self._do_prefill(job))
+        with self._lock:
+            self._calls[job.req_id] = future
+
+    def cancel(self, req_id: str) -> bool:
+        """Abandon a call (P aborts the request on disconnect); True if one was in flight."""
+        with self._lock:
+            future = self._calls.pop(req_id, None)
+        return bool(future and future.cancel())
+
+    def drain_results(self) -> list[PrefillResult]:
+        return _drain(self._results)
+
+    def drain_health(self) -> list[HealthReport]:
+        return _drain(self._health)
+
+    def close(self) -> None:
+        self._health_task.cancel()
+        with self._lock:
+            for future in self._calls.values():
+                future.cancel()
+            self._calls.clear()
+        self._loop.call(self._client.aclose()).result(timeout=5)
+        self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
+
+    async def _do_prefill(self, job: PrefillJob) -> None:
+        start = time.time()
+        result = PrefillResult(job.req_id, job.url, ok=False)
+        try:
+            result = await self._post(job)
+        except asyncio.CancelledError:
+            result.error = "cancelled by D"
+            raise
+        except httpx.ConnectError as exc:
+            result.error = f"cannot reach {job.url}: {exc}"
+            result.may_have_written = False
+        except httpx.TimeoutException:
+            result.error = f"no answer from {job.url} before the deadline"
+        except httpx.HTTPError as exc:
+            result.error = f"do_prefill to {job.url} failed: {exc!r}"
+        finally:
+            result.elapsed_s = time.time() - start
+            with self._lock:
+                self._calls.pop(job.req_id, None)
+            self._results.put(result)
+
+    async def _post(self, job: PrefillJob) -> PrefillResult:
+        body = {
+            "prompt": job.prompt_token_ids,
+            "max_tokens": 1,
+            "return_token_ids": True,
+            "kv_transfer_params": job.kv_transfer_params,
+            **job.sampling,
+        }
+        timeout = max(0.1, job.deadline - time.time())
+        resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=timeout)
+        if resp.status_code != 200:
+            # 4xx: P's server rejected the request before its engine saw it.
+            return PrefillResult(job.req_id, job.url, False, error=f"P answered {resp.status_code}: "
+                                 f"{resp.text[:200]}", may_have_written=resp.status_code >= 500)
+        data = resp.json()
+        choice = data["choices"][0]
+        params = data.get("kv_transfer_params") or {}
+        if params.get("pdpush_error"):
+            return PrefillResult(job.req_id, job.url, False, error=str(params["pdpush_error"]),
+                                 may_have_written=False)
+        tokens = choice.get("token_ids") or []
+        return PrefillResult(job.req_id, job.url, True, first_token=tokens[0] if tokens else None)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(url) for url in self._urls))
+            await asyncio.sleep(self._health_interval_s)
+
+    async def _check(self, url: str) -> None:
+        timeout = min(2.0, self._health_interval_s)
+        try:
+            health = await self._client.get(f"{url}/health", timeout=timeout)
+            metrics = await self._client.get(f"{url}/metrics", timeout=timeout)
+            ok = health.status_code == 200
+            waiting = _WAITING.search(metrics.text) if metrics.status_code == 200 else None
+            self._health.put(HealthReport(url, ok, int(float(waiting.group(1))) if waiting else 0))
+        except httpx.HTTPError:
+            self._health.put(HealthReport(url, False))
+
+
+def _drain(q: queue.Queue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items
