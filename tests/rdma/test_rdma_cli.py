@@ -192,3 +192,11 @@ def test_serve_on_a_busy_port_fails_with_one_line(no_netlink, sysfs_root, capsys
         assert main(["rdma-stat", "--sysfs-root", str(sysfs_root), "--serve", f"127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
     assert "cannot listen on 127.0.0.1" in err and "Traceback" not in err
+
+
+def test_one_shot_json_over_netlink(netlink_kernel, capsys):
+    assert main(["rdma-stat", "--json", "-d", "erdma_0"]) == 0
+    (port,) = json.loads(capsys.readouterr().out)["ports"]
+    assert port["counters"]["hw_rx_bytes_cnt"] == 0x282_24BC10A2
+    assert port["traffic"] == {"rx_bytes": 0x282_24BC10A2, "rx_packets": BIG - 1,
+                               "tx_bytes": BIG, "tx_packets": 5}

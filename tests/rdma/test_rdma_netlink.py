@@ -212,3 +212,13 @@ def test_auto_falls_back_to_sysfs_without_rdma_netlink(monkeypatch, sysfs_root):
     assert {s.device for s in reader.read()} == {"rocep1s0f0", "erdma_0"}
     with pytest.raises(NetlinkUnavailable):
         RdmaCounterReader("netlink", str(sysfs_root))
+
+
+def test_reader_totals_sum_the_driver_counters_of_all_ports(kernel):
+    reader = RdmaCounterReader(netlink=RdmaNetlink(kernel.client))
+    assert reader.rx_tx_totals() == {
+        "rx_bytes": 0x282_24BC10A2 + (2**64 - 1) + (BIG + 7),  # erdma hw_ names + mlx5 rdma_rx_bytes
+        "rx_packets": BIG - 1,  # mlx5_1 has no rdma_rx_packets: only erdma's count
+        "tx_bytes": BIG,
+        "tx_packets": 5,
+    }

@@ -130,33 +130,29 @@ class _NldevClient:
         )
 
     @staticmethod
-    def _devices(exchange: _Exchange) -> list[NlDevice]:
+    def _records(exchange: _Exchange, make: type, need: dict, maybe: dict) -> list:
+        """One `make(**fields)` per reply message; `need` maps a field to the attribute that
+        must be present, `maybe` to (attribute, default)."""
         out = []
         for message in exchange.replies:
             f = scalar_fields(message)
-            out.append(
-                NlDevice(
-                    index=required(f, "RDMA_NLDEV_ATTR_DEV_INDEX", exchange.what),
-                    name=required(f, "RDMA_NLDEV_ATTR_DEV_NAME", exchange.what),
-                    num_ports=f.get("RDMA_NLDEV_ATTR_PORT_INDEX", 0),
-                )
-            )
+            fields = {k: required(f, attr, exchange.what) for k, attr in need.items()}
+            fields.update({k: f.get(attr, default) for k, (attr, default) in maybe.items()})
+            out.append(make(**fields))
         return out
 
-    @staticmethod
-    def _ports(exchange: _Exchange) -> list[NlPort]:
-        out = []
-        for message in exchange.replies:
-            f = scalar_fields(message)
-            out.append(
-                NlPort(
-                    dev_index=required(f, "RDMA_NLDEV_ATTR_DEV_INDEX", exchange.what),
-                    dev_name=required(f, "RDMA_NLDEV_ATTR_DEV_NAME", exchange.what),
-                    port=required(f, "RDMA_NLDEV_ATTR_PORT_INDEX", exchange.what),
-                    netdev=f.get("RDMA_NLDEV_ATTR_NDEV_NAME"),
-                )
-            )
-        return out
+    def _devices(self, exchange: _Exchange) -> list[NlDevice]:
+        need = {"index": "RDMA_NLDEV_ATTR_DEV_INDEX", "name": "RDMA_NLDEV_ATTR_DEV_NAME"}
+        # RDMA_NLDEV_CMD_GET reports the number of ports in PORT_INDEX
+        return self._records(exchange, NlDevice, need, {"num_ports": ("RDMA_NLDEV_ATTR_PORT_INDEX", 0)})
+
+    def _ports(self, exchange: _Exchange) -> list[NlPort]:
+        need = {
+            "dev_index": "RDMA_NLDEV_ATTR_DEV_INDEX",
+            "dev_name": "RDMA_NLDEV_ATTR_DEV_NAME",
+            "port": "RDMA_NLDEV_ATTR_PORT_INDEX",
+        }
+        return self._records(exchange, NlPort, need, {"netdev": ("RDMA_NLDEV_ATTR_NDEV_NAME", None)})
 
     @staticmethod
     def _stat(exchange: _Exchange, dev_index: int, port: int) -> dict[str, int]:
