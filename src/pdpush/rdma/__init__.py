@@ -16,8 +16,8 @@ Library API (what the decode step probe uses)::
   your own table to override. Per port: `pdpush.rdma.counters.rx_tx_totals(sample)`.
 - Errors are `RdmaError` subclasses with one-line messages: `NetlinkUnavailable`,
   `PermissionDenied`, `DeviceGone` (call `reader.refresh()`), `KernelError`, `MalformedMessage`.
-- Lower level: `pdpush.rdma.netlink.RdmaNetlink` / `AsyncRdmaNetlink` (devices, ports, stat)
-  and `pdpush.rdma.sysfs.SysfsSource`.
+- Lower level: `pdpush.rdma.netlink.RdmaNetlink` / `AsyncRdmaNetlink` (devices, ports, stat),
+  the message classes in `pdpush.rdma.messages`, and `pdpush.rdma.sysfs.SysfsSource`.
 """
 
 from pdpush.rdma.counters import (

@@ -189,3 +189,9 @@ def _serve(reader: RdmaCounterReader, args: argparse.Namespace) -> int:
         server.shutdown()
         server.server_close()
     return 0
+
+
+if __name__ == "__main__":  # `python -m pdpush.rdma.cli`: imports no other pdpush command
+    standalone = argparse.ArgumentParser(prog="rdma-stat", description=__doc__)
+    configure(standalone)
+    sys.exit(run(standalone.parse_args()))

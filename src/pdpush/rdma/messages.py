@@ -44,7 +44,6 @@ RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE = 83
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
 
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid (host byte order)
-_NLA_LEN = struct.Struct("=H")
 _NLA_HDR = struct.Struct("=HH")
 _NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
 _U64 = struct.Struct("=Q")
@@ -66,12 +65,9 @@ class _Checked:
         super().decode()
 
     def decode_header(self) -> None:
-        (declared,) = _NLA_LEN.unpack_from(self.data, self.offset)
         # self.length is the space the parent left for this attribute
-        if declared < 4 or declared > self.length:
-            raise MalformedMessage(
-                f"netlink attribute claims {declared} bytes, {self.length} remain in its parent"
-            )
+        _, end, _ = _attr_at(self.data, self.offset, self.offset + self.length)
+        declared = end - self.offset
         if self.payload_size is not None and declared != 4 + self.payload_size:
             raise MalformedMessage(
                 f"netlink attribute of {declared - 4} bytes where {self.payload_size} expected"
