@@ -159,6 +159,12 @@ def test_bad_arguments_exit_2(argv, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--count", "3"], ["--watch", "1", "--count", "0"]])
+def test_count_without_watch_is_refused(argv, capsys):
+    assert main(["rdma-stat", *argv]) == 2
+    one_error_line(capsys, "--count")
+
+
 def scrape(url: str) -> dict[tuple, float]:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -61,6 +61,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.count is not None and (args.count < 1 or not args.watch):
+        _say("--count N needs --watch and N >= 1")
+        return 2
     try:
         with RdmaCounterReader(args.source, args.sysfs_root, args.device, args.timeout) as reader:
             if reader.fallback_reason:
