@@ -42,6 +42,7 @@ class PrefillScheduler:
     _held: set[str] = field(default_factory=set)
     _stopped: dict[str, PushTarget] = field(default_factory=dict)
     pushed_requests: int = 0
+    planned_tasks: int = 0  # (request, step) pairs handed to the workers: chunks pushed
     rejected_requests: int = 0
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed: int) -> tuple[int, bool]:
@@ -76,6 +77,7 @@ class PrefillScheduler:
             task = self.plan(req_id, push, computed[req_id] + num_new)
             if task is not None:
                 meta.tasks.append(task)
+                self.planned_tasks += 1
         return meta
 
     def plan(self, req_id: str, push: Push, computed_after: int) -> PushTask | None:
@@ -114,7 +116,8 @@ class PrefillScheduler:
         return bool(self._held)
 
     def stats(self) -> dict[str, Any]:
-        return {"pushed_requests": self.pushed_requests, "rejected_requests": self.rejected_requests,
+        return {"pushed_requests": self.pushed_requests, "planned_tasks": self.planned_tasks,
+                "rejected_requests": self.rejected_requests,
                 "held_requests": len(self._held), "tracked_requests": len(self._pushes)}
 
     def close(self) -> None:

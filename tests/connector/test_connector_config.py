@@ -1,0 +1,59 @@
+"""Config: the kv-transfer-config builders and clear errors on bad values (no vLLM)."""
+
+import pytest
+
+from pdpush.connector.config import (
+    ConfigError, PdpushConfig, decode_kv_config, prefill_kv_config,
+)
+
+
+def test_decode_config_is_complete_and_valid():
+    cfg = decode_kv_config(["http://127.0.0.1:8100/"], remote_threshold_tokens=32)
+    assert cfg["kv_role"] == "kv_consumer"
+    assert cfg["kv_connector_module_path"] == "pdpush.connector.facade"
+    assert cfg["kv_load_failure_policy"] == "recompute"
+    parsed = PdpushConfig.from_extra_config(cfg["kv_connector_extra_config"], "kv_consumer")
+    assert parsed.prefill_urls == ("http://127.0.0.1:8100",)
+    assert parsed.remote_threshold_tokens == 32
+
+
+def test_on_failure_error_makes_vllm_fail_the_request():
+    cfg = decode_kv_config(["http://p"], on_failure="error")
+    assert cfg["kv_load_failure_policy"] == "fail"
+
+
+def test_prefill_config_needs_no_urls():
+    assert prefill_kv_config()["kv_role"] == "kv_producer"
+
+
+def test_probe_keys_pass_through():
+    parsed = PdpushConfig.from_extra_config({"probe_log": "x.jsonl"}, "kv_producer")
+    assert parsed.probe == {"probe_log": "x.jsonl"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"remote_threshold": 5}, "unknown kv_connector_extra_config key(s) ['remote_threshold']"),
+    ({"remote_threshold_tokens": "5"}, "remote_threshold_tokens must be an integer"),
+    ({"remote_threshold_tokens": 0}, "remote_threshold_tokens must be >= 1"),
+    ({"prefill_timeout_s": -1}, "prefill_timeout_s must be > 0"),
+    ({"prefill_timeout_s": True}, "prefill_timeout_s must be a number"),
+    ({"on_failure": "retry"}, "on_failure must be one of"),
+    ({"prefill_urls": ["p:8000"]}, "must be http(s) URLs"),
+    ({"prefill_urls": [1]}, "prefill_urls must be a list of strings"),
+    ({"side_channel_port": 70000}, "side_channel_port out of range"),
+    ({"prefill_urls": []}, "needs at least one entry in prefill_urls"),
+])
+def test_bad_decode_config_is_rejected_with_the_key_named(extra, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        PdpushConfig.from_extra_config({"prefill_urls": ["http://p"], **extra}, "kv_consumer")
+    assert message in str(err.value)
+
+
+def test_bad_role_is_rejected():
+    with pytest.raises(ConfigError, match="kv_role must be"):
+        PdpushConfig.from_extra_config({}, "kv_both")
+
+
+def test_builder_fails_early_on_a_typo():
+    with pytest.raises(ConfigError, match="unknown"):
+        decode_kv_config(["http://p"], threshold=3)

@@ -1,0 +1,105 @@
+"""P's push plan: which blocks each prefill step hands to the workers (no vLLM).
+
+Requests and scheduler outputs are plain stand-ins with the fields the scheduler reads.
+"""
+
+from types import SimpleNamespace as NS
+
+from pdpush.connector.metadata import PushTarget
+from pdpush.connector.prefill_scheduler import PrefillScheduler
+
+BS = 16
+
+
+def request(req_id: str, n: int, skip: int = 0, deadline: float = 1e10, d_blocks=None):
+    nblocks = -(-n // BS)
+    t = PushTarget(req_id.upper(), "e", "h:1", tuple(d_blocks or range(100, 100 + nblocks)),
+                   skip, BS, deadline)
+    return NS(request_id=req_id, num_prompt_tokens=n, kv_transfer_params=t.to_params())
+
+
+def step(new=(), cached=()):
+    """new / cached: (req_id, computed_before, scheduled) triples."""
+    return NS(
+        scheduled_new_reqs=[NS(req_id=r, num_computed_tokens=c) for r, c, _ in new],
+        scheduled_cached_reqs=NS(req_ids=[r for r, _, _ in cached],
+                                 num_computed_tokens=[c for _, c, _ in cached]),
+        num_scheduled_tokens={r: s for r, _, s in [*new, *cached]},
+    )
+
+
+def scheduler():
+    sched = PrefillScheduler(BS)
+    sched.get_block_ids = lambda req_id: list(range(10, 20))  # P's blocks 10, 11, ...
+    return sched
+
+
+def test_chunked_prefill_pushes_complete_blocks_then_the_partial_tail():
+    sched = scheduler()
+    req = request("a", 40)  # 3 blocks: 16 + 16 + 8
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    first = sched.build_meta(step(new=[("a", 0, 20)])).tasks
+    assert [(t.p_block_ids, t.d_block_ids, t.last) for t in first] == [([10], [100], False)]
+    second = sched.build_meta(step(cached=[("a", 20, 20)])).tasks
+    assert [(t.p_block_ids, t.d_block_ids, t.last) for t in second] == [([11, 12], [101, 102], True)]
+    assert sched.build_meta(step(cached=[("a", 40, 1)])).tasks == []  # decoding: nothing more
+
+
+def test_step_completing_no_block_plans_nothing():
+    sched = scheduler()
+    sched.get_num_new_matched_tokens(request("a", 64), 0)
+    assert sched.build_meta(step(new=[("a", 0, 8)])).tasks == []
+
+
+def test_d_prefix_hit_is_not_pushed_but_p_hit_is():
+    sched = scheduler()
+    sched.get_num_new_matched_tokens(request("a", 48, skip=16), 0)
+    # P had 32 tokens cached itself: they are pushed too (D lacks them), D's first block is not.
+    tasks = sched.build_meta(step(new=[("a", 32, 16)])).tasks
+    assert [(t.p_block_ids, t.d_block_ids, t.last) for t in tasks] == [([11, 12], [101, 102], True)]
+
+
+def test_bad_target_is_rejected_and_reported_in_the_response():
+    sched = scheduler()
+    req = request("a", 100, d_blocks=[1, 2])  # 100 tokens need 7 blocks of 16
+    sched.get_num_new_matched_tokens(req, 0)
+    assert sched.build_meta(step(new=[("a", 0, 100)])).tasks == []
+    hold, params = sched.request_finished(req)
+    assert not hold and "2 D blocks for a 100-token prompt" in params["pdpush_error"]
+
+
+def test_expired_deadline_is_rejected():
+    sched = scheduler()
+    req = request("a", 32, deadline=1.0)
+    sched.get_num_new_matched_tokens(req, 0)
+    assert "deadline passed" in sched.request_finished(req)[1]["pdpush_error"]
+
+
+def test_finished_request_holds_blocks_until_sent():
+    sched = scheduler()
+    req = request("a", 32)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.build_meta(step(new=[("a", 0, 32)]))
+    assert sched.request_finished(req)[0] is True
+    assert sched.has_pending()
+    sched.update_connector_output({"a"})
+    assert not sched.has_pending()
+
+
+def test_request_ending_before_its_prompt_tells_the_workers_to_stop():
+    sched = scheduler()
+    req = request("a", 64)
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.build_meta(step(new=[("a", 0, 16)]))
+    assert sched.request_finished(req)[0] is True  # aborted: blocks held until WRITEs end
+    meta = sched.build_meta(step())
+    assert list(meta.stopped) == ["a"] and meta.tasks == []
+    assert sched.build_meta(step()).stopped == {}
+
+
+def test_plain_requests_are_ignored():
+    sched = scheduler()
+    req = NS(request_id="p", num_prompt_tokens=10, kv_transfer_params=None)
+    sched.get_num_new_matched_tokens(req, 0)
+    assert sched.build_meta(step(new=[("p", 0, 10)])).tasks == []
+    assert sched.request_finished(req) == (False, None)

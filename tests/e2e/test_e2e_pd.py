@@ -1,0 +1,111 @@
+"""1P1D on real vLLM CPU engines: greedy outputs equal one aggregated engine, KV really moves.
+
+One P and one D (tiny model) are shared by the module; a plain engine without connector is run
+first for the reference outputs. After every test the free KV block counts of P and D must be
+back at their baseline (read from the connector's /stats endpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e_helpers import (
+    LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks, where,
+)
+
+from pdpush.cluster import LocalCluster, free_port
+
+pytestmark = pytest.mark.e2e
+MAX_TOKENS = 8
+THRESHOLD = 64
+
+LONG = make_prompt(300, 2)
+MULTI_CHUNK = make_prompt(1200, 3)  # P's token budget is 512: three prefill chunks
+SHARED = MULTI_CHUNK[:640] + make_prompt(200, 4)  # D has 5 blocks of it cached after MULTI_CHUNK
+CONTROL_A = make_prompt(300, 5)
+CONTROL_B = make_prompt(299, 6) + CONTROL_A[-1:]  # same length and last token as A
+PROMPTS = {"one_token": [42], "short": make_prompt(8, 1), "long": LONG,
+           "multi_chunk": MULTI_CHUNK, "shared": SHARED, "control_a": CONTROL_A,
+           "control_b": CONTROL_B}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> dict[str, list[int]]:
+    return reference_outputs(tiny_model, PROMPTS, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, reference):
+    d_stats, p_stats = free_port(), free_port()
+    decode_opts = {"remote_threshold_tokens": THRESHOLD, "side_channel_port": free_port(),
+                   "stats_port": d_stats, "prefill_timeout_s": 20.0, "lease_grace_s": 1.0,
+                   "health_interval_s": 1.0}
+    with LocalCluster(tiny_model, 1, decode_opts=decode_opts,
+                      prefill_opts={"stats_port": p_stats}, log_dir=LOG_DIR) as c:
+        c.d_stats, c.p_stats = d_stats, p_stats
+        c.baseline = {d_stats: stats(d_stats)["free_blocks"], p_stats: stats(p_stats)["free_blocks"]}
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def blocks_back_to_baseline(cluster):
+    yield
+    for port, baseline in cluster.baseline.items():
+        assert wait_free_blocks(port, baseline) == baseline, f"leaked blocks: {stats(port)}"
+
+
+def test_greedy_outputs_equal_aggregated_engine(cluster, reference):
+    d = cluster.decode.url
+    for name, expected_place in [("one_token", "local"), ("short", "local"), ("long", "remote"),
+                                 ("multi_chunk", "remote"), ("shared", "remote")]:
+        body = complete(d, PROMPTS[name], MAX_TOKENS)
+        assert where(body).get("prefill") == expected_place, (name, where(body))
+        assert tokens(body) == reference[name], name
+    assert where(body)["skip_tokens"] == 640  # D's own prefix-cache hit was not pushed again
+    d_stats = stats(cluster.d_stats)
+    assert d_stats["first_token_checked"] >= 3
+    assert d_stats["first_token_mismatch"] == 0
+    assert d_stats["fallback"] == 0
+
+
+def test_multi_chunk_prompt_is_pushed_chunk_by_chunk(cluster):
+    before = stats(cluster.p_stats)["planned_tasks"]
+    complete(cluster.decode.url, make_prompt(1100, 7), MAX_TOKENS)
+    assert stats(cluster.p_stats)["planned_tasks"] - before == 3  # 512 + 512 + 76 tokens
+
+
+def test_control_wrong_kv_gives_the_other_prompts_continuation(cluster, reference):
+    """D decodes from the pushed KV: B's prompt with A's KV continues A, not B."""
+    assert reference["control_a"] != reference["control_b"]
+    body = complete(cluster.decode.url, CONTROL_B, MAX_TOKENS,
+                    kv_transfer_params={"pdpush_prefill_tokens": CONTROL_A})
+    assert where(body)["prefill"] == "remote"
+    assert tokens(body) == reference["control_a"]
+
+
+def test_bad_client_params_are_reported(cluster, reference):
+    body = complete(cluster.decode.url, PROMPTS["long"], MAX_TOKENS,
+                    kv_transfer_params={"pdpush_prefill": "sideways"})
+    assert "pdpush_prefill must be one of" in where(body)["pdpush_error"]
+    assert tokens(body) == reference["long"]  # served locally, correctly
+
+
+def test_bad_push_target_is_rejected_by_p(cluster):
+    body = complete(cluster.prefills[0].url, LONG, 1,
+                    kv_transfer_params={"pdpush": {"d_req_id": "x", "d_block_ids": [1]}})
+    assert "is missing" in body["kv_transfer_params"]["pdpush_error"]
+
+
+def test_client_can_force_local_prefill(cluster, reference):
+    body = complete(cluster.decode.url, MULTI_CHUNK, MAX_TOKENS,
+                    kv_transfer_params={"pdpush_prefill": "local"})
+    assert where(body) == {"prefill": "local", "reason": "client_asked_local"}
+    assert tokens(body) == reference["multi_chunk"]
+
+
+def test_d_stats_endpoint_answers_json(cluster):
+    resp = httpx.get(f"http://127.0.0.1:{cluster.d_stats}/stats", timeout=5)
+    assert resp.json()["role"] == "D"
+    assert cluster.prefills[0].url in resp.json()["prefills"]
