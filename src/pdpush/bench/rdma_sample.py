@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from typing import Awaitable, Callable
 
 from pdpush.rdma.errors import RdmaError
-from pdpush.rdma.messages import RDMA_NLDEV_CMD_STAT_GET, NldevMessage, hw_counters, nldev_type
 
 DEV, PORT = 0, 1
 
@@ -38,6 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def kernel_reply(counters: int) -> bytearray:
     """A STAT_GET reply as the kernel lays it out, encoded with the pyroute2 classes."""
+    from pdpush.rdma.messages import RDMA_NLDEV_CMD_STAT_GET, NldevMessage, nldev_type  # pyroute2
+
     entries = [
         ["RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY", {"attrs": [
             ["RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_NAME", f"hw_counter_{i}_cnt"],
@@ -115,6 +116,8 @@ def bench_floor(reply: bytearray, samples: int) -> dict[str, float]:
 
 
 def bench_decode(reply: bytearray, samples: int) -> dict[str, float]:
+    from pdpush.rdma.messages import NldevMessage, hw_counters
+
     data = bytes(reply)
 
     def decode():
@@ -145,6 +148,8 @@ def bench_pyroute2_socket(reply: bytearray, samples: int) -> dict[str, float]:
     """The seed's approach: pyroute2's AsyncNetlinkSocket and NetlinkRequest per sample."""
     from pyroute2.netlink import NLM_F_REQUEST
     from pyroute2.netlink.nlsocket import AsyncNetlinkSocket, NetlinkRequest
+
+    from pdpush.rdma.messages import RDMA_NLDEV_CMD_STAT_GET, NldevMessage, hw_counters, nldev_type
 
     async def run(sock: socket.socket) -> dict[str, float]:
         nl = AsyncNetlinkSocket(use_socket=sock)
