@@ -4,6 +4,7 @@ so that `pdpush --help` is instant."""
 
 import argparse
 import importlib
+import signal
 import sys
 
 from pdpush.log import setup_logging
@@ -15,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rdma-stat": ("pdpush.rdma.cli", "read RDMA hardware counters (netlink or sysfs)"),
     "bench-rdma": ("pdpush.bench.rdma_sample", "benchmark: µs per RDMA counter sample over netlink"),
     "bench": ("pdpush.bench.cli", "benchmarks: interference (decode latency under P's KV push)"),
+    "bench-gpu": ("pdpush.bench.gpu.cli", "GPU data plane: push correctness, ordering, bandwidth, decode interference"),
 }
 
 
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
+    # SIGTERM unwinds like Ctrl-C, so `with` blocks stop the servers a command started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

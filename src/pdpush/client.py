@@ -29,11 +29,13 @@ def complete(
     max_tokens: int = 16,
     ignore_eos: bool = True,
     timeout_s: float = 300.0,
+    extra: dict | None = None,
 ) -> Completion:
     """Send one greedy completion and time its stream; raise httpx.HTTPStatusError on an error reply."""
     body = {
         "model": "pdpush", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
         "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
     start = time.perf_counter()
     token_times: list[float] = []

@@ -7,6 +7,7 @@ file whose tail is shown when a server fails to come up.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -21,6 +22,15 @@ import httpx
 
 # vLLM's CPU worker refuses a large memory fraction on a small machine (ENVIRONMENT.md).
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the thread that started it dies, so a killed
+    pdpush never leaves vLLM servers behind (vLLM's own children follow their parent down)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ServerError(RuntimeError):
@@ -81,7 +91,7 @@ class VllmServer:
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_die_with_parent,
             )
         return self
 

@@ -44,7 +44,7 @@ def ensure_tiny_model(path: Path | str | None = None, spec: TinySpec = TinySpec(
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    _write_tokenizer(tmp)
+    _write_tokenizer(tmp, spec)
     _write_weights(tmp, spec)
     (tmp / "pdpush-spec.json").write_text(stamp)
     if target.exists():
@@ -55,7 +55,7 @@ def ensure_tiny_model(path: Path | str | None = None, spec: TinySpec = TinySpec(
     return target
 
 
-def _write_tokenizer(folder: Path) -> None:
+def _write_tokenizer(folder: Path, spec: TinySpec) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
@@ -66,13 +66,13 @@ def _write_tokenizer(folder: Path) -> None:
     tok.add_special_tokens([EOS])
     # Fill the rest of the model's vocabulary with plain words, so every id the model can emit
     # decodes to text (the OpenAI server streams text).
-    tok.add_tokens([AddedToken(f"<t{i}>", special=False) for i in range(EOS_ID + 1, TinySpec.vocab_size)])
+    tok.add_tokens([AddedToken(f"<t{i}>", special=False) for i in range(EOS_ID + 1, spec.vocab_size)])
     tok.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": EOS,
         "pad_token": EOS,
-        "model_max_length": TinySpec.max_position_embeddings,
+        "model_max_length": spec.max_position_embeddings,
         "chat_template": "{% for m in messages %}{{ m['content'] }}\n{% endfor %}",
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
