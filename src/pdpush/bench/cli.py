@@ -7,6 +7,7 @@ import importlib
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "interference": ("pdpush.bench.interference", "does P's KV push slow D's decode? (seed's protocol)"),
+    "serving": ("pdpush.bench.serving", "TTFT of a long prompt: pdpush vs local vs vLLM NIXL pull/push"),
 }
 
 
