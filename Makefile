@@ -4,7 +4,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	.venv/bin/pdpush rdma-stat
+	.venv/bin/pdpush demo
 
 test: setup
 	.venv/bin/python -m pytest
