@@ -75,41 +75,52 @@ class _Checked:
         self.length = declared
 
 
+def _overrun(claimed: int, remaining: int) -> MalformedMessage:
+    return MalformedMessage(
+        f"netlink attribute claims {claimed} bytes, {remaining} remain in its parent"
+    )
+
+
 def _attr_at(data: bytes, start: int, end: int) -> tuple[int, int, int]:
     """(type without NLA_F_* flags, payload end, next attribute) of the attribute at `start`."""
     length, atype = _NLA_HDR.unpack_from(data, start)
     if length < 4 or start + length > end:
-        raise MalformedMessage(
-            f"netlink attribute claims {length} bytes, {end - start} remain in its parent"
-        )
+        raise _overrun(length, end - start)
     return atype & _NLA_TYPE_MASK, start + length, start + ((length + 3) & ~3)
 
 
 def _counter_table(data: bytes, start: int, end: int) -> dict[str, int]:
     """name -> u64 of the RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY nests in [start, end).
-    Unknown attributes and PAD are skipped at both levels."""
+    Unknown attributes and PAD are skipped at both levels. Written as one flat loop (no call
+    per attribute): this runs for every counter of every sample."""
+    unpack, u64 = _NLA_HDR.unpack_from, _U64.unpack_from
     table: dict[str, int] = {}
     while end - start >= 4:
-        atype, entry_end, start_next = _attr_at(data, start, end)
-        if atype == RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY:
-            name = value = None
-            pos = start + 4
-            while entry_end - pos >= 4:
-                inner, payload_end, pos_next = _attr_at(data, pos, entry_end)
-                if inner == RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_NAME:
-                    if payload_end <= pos + 4 or data[payload_end - 1] != 0:
-                        raise MalformedMessage("hardware counter name without its NUL terminator")
-                    name = bytes(data[pos + 4 : payload_end - 1]).decode("utf-8", "replace")
-                elif inner == RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE:
-                    if payload_end - pos != 12:
-                        size = payload_end - pos - 4
-                        raise MalformedMessage(f"hardware counter value of {size} bytes, not 8")
-                    (value,) = _U64.unpack_from(data, pos + 4)
-                pos = pos_next
-            if name is None or value is None:
-                raise MalformedMessage("hardware counter entry without a name or a value")
-            table[name] = value
-        start = start_next
+        length, atype = unpack(data, start)
+        if length < 4 or start + length > end:
+            raise _overrun(length, end - start)
+        entry_end, pos = start + length, start + 4
+        start += (length + 3) & ~3
+        if atype & _NLA_TYPE_MASK != RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY:
+            continue
+        name = value = None
+        while entry_end - pos >= 4:
+            alen, inner = unpack(data, pos)
+            if alen < 4 or pos + alen > entry_end:
+                raise _overrun(alen, entry_end - pos)
+            inner &= _NLA_TYPE_MASK
+            if inner == RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_NAME:
+                if alen <= 4 or data[pos + alen - 1] != 0:
+                    raise MalformedMessage("hardware counter name without its NUL terminator")
+                name = data[pos + 4 : pos + alen - 1].decode("utf-8", "replace")
+            elif inner == RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE:
+                if alen != 12:
+                    raise MalformedMessage(f"hardware counter value of {alen - 4} bytes, not 8")
+                (value,) = u64(data, pos + 4)
+            pos += (alen + 3) & ~3
+        if name is None or value is None:
+            raise MalformedMessage("hardware counter entry without a name or a value")
+        table[name] = value
     return table
 
 
