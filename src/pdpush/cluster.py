@@ -44,8 +44,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Started:
+    """`with X(...) as x:` starts x, waits until healthy, and always stops what was started."""
+
+    def __enter__(self):
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class VllmServer:
+class VllmServer(_Started):
     """One `vllm.entrypoints.openai.api_server` process.
 
     `cpu_core` pins the engine's OpenMP threads (two engines on a 2-core machine need one core
@@ -143,21 +159,9 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> "VllmServer":
-        self.start()
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 @dataclass
-class LocalCluster:
+class LocalCluster(_Started):
     """N prefill servers and one decode server on this machine, started together.
 
     Cores: D gets core 0 and the Ps share the remaining cores (all of them on core 1 on a 2-core
@@ -204,15 +208,3 @@ class LocalCluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-
-    def __enter__(self) -> "LocalCluster":
-        self.start()
-        try:
-            self.wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
