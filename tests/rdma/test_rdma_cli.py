@@ -206,3 +206,12 @@ def test_one_shot_json_over_netlink(netlink_kernel, capsys):
     assert port["counters"]["hw_rx_bytes_cnt"] == 0x282_24BC10A2
     assert port["traffic"] == {"rx_bytes": 0x282_24BC10A2, "rx_packets": BIG - 1,
                                "tx_bytes": BIG, "tx_packets": 5}
+
+
+def test_kernel_with_rdma_netlink_but_no_device(netlink_kernel, capsys):
+    """The GPU test machine: the GET dump answers NLMSG_DONE alone."""
+    netlink_kernel.model.devices.clear()
+    assert main(["rdma-stat", "--source", "netlink", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["ports"] == []
+    assert "no RDMA devices found in the kernel (netlink)" in captured.err
