@@ -90,7 +90,8 @@ def _no_devices(reader: RdmaCounterReader, args: argparse.Namespace) -> None:
     where = f"{args.sysfs_root}/class/infiniband"
     if reader.source == "netlink":
         where = "the kernel (netlink)"
-    _say(f"no RDMA devices found in {where}")
+    wanted = f" matching {', '.join(args.device)}" if args.device else ""
+    _say(f"no RDMA devices{wanted} found in {where}")
 
 
 def _once(reader: RdmaCounterReader, args: argparse.Namespace) -> int:
