@@ -20,7 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: only the chosen command's module is imported, so one command's
+    dependencies never stand in the way of another (and `pdpush --help` imports none)."""
     parser = argparse.ArgumentParser(
         prog="pdpush",
         description="Decode-centric PD disaggregation for vLLM: layer-wise KV push from P into D.",
@@ -28,16 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((arg for arg in argv if arg in COMMANDS), None)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        child = sub.add_parser(name, help=help_text, description=module.__doc__)
-        module.configure(child)
-        child.set_defaults(_run=module.run)
+        child = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            child.description = module.__doc__
+            child.formatter_class = argparse.RawDescriptionHelpFormatter
+            module.configure(child)
+            child.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
     # SIGTERM unwinds like Ctrl-C, so `with` blocks stop the servers a command started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
