@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,10 @@ def _choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+_NO_STATS = dict.fromkeys(BatchStats.__annotations__)
+FLUSH_INTERVAL_S = 0.5  # lines reach the file at least this often; a flush per step costs more
+
+
 @dataclass
 class _Step:
     """A finished step whose GPU latency may still be in flight."""
@@ -273,7 +277,7 @@ class _Step:
     probe_us: float | None
 
     def record(self, latency_ms: float) -> dict[str, Any]:
-        stats = asdict(self.stats) if self.stats else dict.fromkeys(BatchStats.__annotations__)
+        stats = vars(self.stats) if self.stats else _NO_STATS
         return {
             "step": self.step, "t": round(self.wall, 6), "mode": self.mode,
             "timer": self.timer.name, "latency_ms": latency_ms, "period_ms": self.period_ms,
@@ -306,6 +310,7 @@ class StepProbe:
         self._open: tuple[Any, float] | None = None
         self._last_begin: float | None = None
         self._cost = 0.0
+        self._flushed = 0.0
 
     @classmethod
     def from_config(cls, extra_config: dict[str, Any], rank: int) -> StepProbe | None:
@@ -377,8 +382,10 @@ class StepProbe:
                 self._file.write(json.dumps(rec, separators=(",", ":")) + "\n")
             if self.metrics is not None and head.mode == "full":
                 self.metrics.observe(rec)
-        if self._file is not None:
+        now = time.monotonic()
+        if self._file is not None and (wait or now - self._flushed >= FLUSH_INTERVAL_S):
             self._file.flush()
+            self._flushed = now
 
     def close(self) -> None:
         """Emit what is still pending (waiting for the GPU is fine here) and release the outputs."""

@@ -10,7 +10,8 @@ from pdpush.cli import build_parser, main
 
 
 def parse(*argv):
-    return build_parser().parse_args(["bench", "interference", *argv])
+    argv = ["bench", "interference", *argv]
+    return build_parser(argv).parse_args(argv)
 
 
 def test_defaults_are_the_seeds_protocol():

@@ -33,7 +33,7 @@ def background_round(t0: float, slowdown: float = 0.0, rx_per_step: int = 0, fir
 
 
 def window(label, qps, steps):
-    return Round(label, qps, steps[0]["t"], steps[-1]["t"], sent=3, completed=3)
+    return Round(label, qps, steps[0]["t"], steps[-1]["t"], sent=3, prefilled={"remote": 3})
 
 
 def test_decode_latency_counts_the_measured_contexts_of_the_background_batch_only():
@@ -70,6 +70,7 @@ def test_report_uses_the_first_qps0_as_baseline_and_shows_the_repeat_as_noise_fl
     text = markdown(report)
     assert "| DecodeLatency | qps1 | qps0#2 |" in text
     assert "| avg | +0.0200000 | -0.0010000 |" in text
+    assert "| 3 | remote 3 | 19,000 |" in text
     assert json.loads(json.dumps(report)) == report  # JSON-able as is
 
 

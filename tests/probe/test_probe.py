@@ -12,6 +12,7 @@ import pytest
 
 from pdpush.probe import (
     ENGINE_RX,
+    FLUSH_INTERVAL_S,
     BatchStats,
     CpuTimer,
     RxMeter,
@@ -78,8 +79,9 @@ def test_probe_writes_one_line_per_step_with_latency_batch_and_rx(tmp_path):
     path = tmp_path / "steps.jsonl"
     probe = StepProbe(CpuTimer(), ENGINE_RX, str(path))
     run_steps(probe, 3, work_s=0.02, rx_per_step=4096)
-    lines = read_lines(path)  # written before close: nothing waits for the end
+    assert len(read_lines(path)) == 1  # the first step flushed; the next wait for the interval
     probe.close()
+    lines = read_lines(path)
     assert [r["step"] for r in lines] == [0, 1, 2]
     assert all(r["latency_ms"] >= 20 for r in lines)
     assert lines[0]["period_ms"] is None  # begin-to-begin: covers the previous step
@@ -115,6 +117,7 @@ def test_gpu_latencies_are_resolved_later_in_order_and_close_waits(tmp_path):
     run_steps(probe, 2)
     assert path.read_text() == ""  # both steps in flight: nothing waits, nothing written yet
     timer.completed = 2  # the first step's end mark
+    time.sleep(FLUSH_INTERVAL_S)  # lines reach the file at least this often
     run_steps(probe, 1)
     assert [r["step"] for r in read_lines(path)] == [0]
     probe.close()

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -46,7 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
       help="probe A/B window in steps, for the probe-cost figure; 0 = probe always on (default 32)")
     p("--out", type=Path, default=Path("out/interference"), help="report folder (default out/interference)")
     p("--model", type=Path, help="model folder (default: the tiny local model)")
-    p("--kv-cache-gib", type=int, default=4, help="D's CPU KV cache in GiB (default 4)")
+    p("--kv-cache-gib", type=int, default=2, help="D's CPU KV cache in GiB (default 2)")
+    p("--prefill-batched-tokens", type=int, default=2048,
+      help="P's max_num_batched_tokens: the chunk P prefills and pushes per step (default 2048)")
     p("--decode-url", help="use this running D instead of starting 1P1D (needs --probe-log)")
     p("--probe-log", type=Path, help="with --decode-url: D's probe_log file, readable here")
     p("--seed", type=int, default=0, help="seed of the load prompts")
@@ -67,6 +70,7 @@ def check_args(args: argparse.Namespace) -> list[float]:
          "need 1 <= --load-from < --measure-from < --measure-to <= --max-tokens + 1"),
         (args.prompt_len >= 2 and args.load_output >= 1, "need --prompt-len >= 2, --load-output >= 1"),
         (args.probe_ab_steps >= 0, "--probe-ab-steps must be >= 0"),
+        (args.kv_cache_gib >= 1 and args.prefill_batched_tokens >= 1, "sizes must be >= 1"),
         (bool(args.decode_url) == bool(args.probe_log), "--decode-url and --probe-log go together"),
     ]  # fmt: skip
     for ok, message in rules:
@@ -93,7 +97,8 @@ def one_p_one_d(args: argparse.Namespace, probe_log: Path) -> Iterator[str]:
     max_len = max(args.max_tokens + 1, args.prompt_len + args.load_output) + 16
     logs = args.out / "logs"
     prefill = VllmServer("prefill", model, kv_transfer_config=prefill_kv_config(), cpu_core=1,
-                         log_dir=logs, max_model_len=max_len)  # fmt: skip
+                         log_dir=logs, max_model_len=max_len,
+                         extra_args=["--max-num-batched-tokens", str(args.prefill_batched_tokens)])  # fmt: skip
     probe = {"probe_log": str(probe_log), "probe_ab_steps": args.probe_ab_steps}
     d_config = decode_kv_config([prefill.url], remote_threshold_tokens=min(256, args.prompt_len),
                                 side_channel_port=free_port(), **probe)  # fmt: skip
@@ -117,12 +122,18 @@ def one_p_one_d(args: argparse.Namespace, probe_log: Path) -> Iterator[str]:
             server.stop()
 
 
-async def warm_up(api: Completions, spec: RoundSpec) -> None:
-    """One local and one remote prefill before any round: first-use costs stay out of the data."""
-    import random
-
+async def warm_up(api: Completions, spec: RoundSpec, timeout_s: float = 60.0) -> None:
+    """A local and a remote prefill before any round, so first-use costs stay out of the data;
+    retried until D reports the long prompt prefilled on P (D learns P's health periodically)."""
     await api.complete([65], 4)
-    await api.complete(random_prompt(random.Random(-1), spec.prompt_len), 2)
+    deadline, where, attempt = time.monotonic() + timeout_s, "", 0
+    while time.monotonic() < deadline:
+        attempt += 1
+        where = await api.complete(random_prompt(random.Random(-attempt), spec.prompt_len), 2)
+        if where == "remote":
+            return
+        await asyncio.sleep(2.0)
+    raise RuntimeError(f"D never prefilled a {spec.prompt_len}-token prompt on P (last: {where})")
 
 
 async def run_rounds(url: str, probe_log: Path, spec: RoundSpec, plan, seed: int) -> list[Round]:
@@ -161,6 +172,7 @@ def write_outputs(out: Path, probe_log: Path, rounds: list[Round], proto: Protoc
 
 
 def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the bar
     try:
         qps = check_args(args)
     except ValueError as exc:

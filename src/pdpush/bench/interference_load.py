@@ -59,13 +59,15 @@ class Completions:
         self.client = httpx.AsyncClient(base_url=base_url, timeout=None)
         self.model = model
 
-    async def complete(self, prompt: list[int], max_tokens: int) -> int:
+    async def complete(self, prompt: list[int], max_tokens: int) -> str:
+        """Where D says the prompt was prefilled: remote, local, fallback (or unknown)."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "ignore_eos": True, "temperature": 0.0}  # fmt: skip
         resp = await self.client.post("/v1/completions", json=body)
         if resp.status_code != 200:
             raise RuntimeError(f"D answered {resp.status_code}: {resp.text[:200]}")
-        return int(resp.json()["usage"]["completion_tokens"])
+        params = resp.json().get("kv_transfer_params") or {}
+        return str((params.get("pdpush") or {}).get("prefill", "unknown"))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -82,7 +84,7 @@ class LoadGenerator:
     def __init__(self, api: Completions, spec: RoundSpec, qps: float, seed: int) -> None:
         self.api, self.spec, self.qps = api, spec, qps
         self.rng = random.Random(seed)
-        self.tasks: list[asyncio.Task[int]] = []
+        self.tasks: list[asyncio.Task[str]] = []
 
     async def run(self, stop: asyncio.Event) -> None:
         start = time.monotonic()
@@ -95,15 +97,19 @@ class LoadGenerator:
             except TimeoutError:
                 pass
 
-    async def settle(self, timeout_s: float) -> tuple[int, int]:
-        """Wait for every request sent (parked ones run once the batch is done): (done, failed)."""
+    async def settle(self, timeout_s: float) -> dict[str, int]:
+        """Wait for every request sent (parked ones run once the batch is done); count them by
+        where they were prefilled, "failed" for errors and timeouts."""
+        counts: dict[str, int] = {}
         if not self.tasks:
-            return 0, 0
+            return counts
         done, pending = await asyncio.wait(self.tasks, timeout=timeout_s)
         for task in pending:
             task.cancel()
-        ok = sum(1 for t in done if t.exception() is None)
-        return ok, len(self.tasks) - ok
+        for task in self.tasks:
+            key = task.result() if task in done and task.exception() is None else "failed"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
 
 Progress = Callable[[int, int], None]  # (background context, load requests sent)
@@ -136,6 +142,6 @@ async def run_round(
     errors = [t.exception() for t in background if t.exception() is not None]
     if errors:
         raise RuntimeError(f"{len(errors)} background request(s) failed: {errors[0]}")
-    completed, failed = await load.settle(settle_timeout_s)
+    counts = await load.settle(settle_timeout_s)
     progress(spec.max_tokens, len(load.tasks))
-    return Round(label, qps, t_start, t_end, len(load.tasks), completed, failed)
+    return Round(label, qps, t_start, t_end, len(load.tasks), counts)

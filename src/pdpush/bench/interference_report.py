@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,7 @@ class Round:
     t_start: float
     t_end: float
     sent: int = 0
-    completed: int = 0
-    failed: int = 0
+    prefilled: dict[str, int] = field(default_factory=dict)  # load requests by where: remote, ...
 
 
 @dataclass(frozen=True)
@@ -182,10 +181,14 @@ def _round_rows(report: dict[str, Any]) -> list[str]:
         times = " | ".join(f"{d[k]:.3f}" for k in ("min_ms", "max_ms", "avg_ms", "median_ms")) if d else "n/a | n/a | n/a | n/a"
         rows.append(
             f"| {r['label']} | {r['qps']:g} | {d['steps'] if d else 0} | {d['excluded'] if d else 0} | {times} "
-            f"| {r['sent']}/{r['completed']}/{r['failed']} | {rx['bytes']:,} | {rx['mean_bps'] / 1e6:.2f} "
+            f"| {r['sent']} | {_counts(r['prefilled'])} | {rx['bytes']:,} | {rx['mean_bps'] / 1e6:.2f} "
             f"| {', '.join(rx['sources']) or '-'} |"
         )  # fmt: skip
     return rows
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
 
 
 def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
@@ -218,8 +221,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "", "## Rounds", "",
         "| round | QPS | steps | excluded | min ms | max ms | avg ms | median ms "
-        "| load sent/done/failed | RX bytes | RX MB/s | RX source |",
-        "|---" * 12 + "|", *_round_rows(report), "", "## Probe cost (A/B windows, QPS-0 rounds)", "",
+        "| load sent | load prefilled | RX bytes | RX MB/s | RX source |",
+        "|---" * 13 + "|", *_round_rows(report), "", "## Probe cost (A/B windows, QPS-0 rounds)", "",
         *_cost_lines(report["probe_cost"]), "",
     ]  # fmt: skip
     meta = report.get("meta") or {}
