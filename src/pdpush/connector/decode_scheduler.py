@@ -38,8 +38,6 @@ class RemotePrefill:
 
     url: str
     lease_end: float
-    greedy: bool
-    first_token: int | None = None
     give_up: bool = False  # told the workers to stop waiting
     aborted: bool = False  # the client went away while waiting
 
@@ -123,8 +121,9 @@ class DecodeScheduler:
             target.to_params(), deadline,
         ))
         self.policy.started(url)
-        self._remote[req_id] = RemotePrefill(url, deadline + self.config.lease_grace_s, greedy)
-        self._where[req_id] = {"prefill": "remote", "url": url, "skip_tokens": skip}
+        self._remote[req_id] = RemotePrefill(url, deadline + self.config.lease_grace_s)
+        self._where[req_id] = {"prefill": "remote", "url": url, "skip_tokens": skip,
+                               "greedy": greedy}
         self._expect.append(req_id)
         self.counters.remote += 1
 
@@ -159,11 +158,10 @@ class DecodeScheduler:
                 self._where[req_id] = {**self._where.get(req_id, {}), "prefill": "fallback"}
             else:
                 self.counters.remote_ok += 1
-                self._where.setdefault(req_id, {})["p_first_token"] = rec.first_token
-                self._where[req_id]["greedy"] = rec.greedy
 
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
+        self._collect_rpc(time.time())
         self._chosen.pop(req_id, None)
         self._local_only.discard(req_id)
         rec = self._remote.get(req_id)
@@ -197,10 +195,12 @@ class DecodeScheduler:
             self.policy.health_checked(report.url, report.ok, report.queue, now)
         for result in self.client.drain_results():
             self.policy.finished(result.url, result.ok, now)
+            where = self._where.get(result.req_id)
+            if where is not None and result.first_token is not None:
+                where["p_first_token"] = result.first_token  # may come after the KV did
             rec = self._remote.get(result.req_id)
             if rec is None:
                 continue
-            rec.first_token = result.first_token
             if not result.ok:
                 log.warning("pdpush: %s: remote prefill on %s failed: %s",
                             result.req_id, result.url, result.error)
