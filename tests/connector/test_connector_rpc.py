@@ -1,0 +1,129 @@
+"""do_prefill client against a fake P (stdlib HTTP server): outcomes, deadlines, cancel, health.
+
+Whether P may have written decides whether D can reuse the blocks at once or must wait for the
+lease to end, so each failure kind is checked for it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pdpush.cluster import free_port
+from pdpush.rpc.prefill_client import PrefillClient, PrefillJob
+
+
+class FakePrefill(BaseHTTPRequestHandler):
+    """Behaviour by the prompt's first token: 0 ok, 1 bad params, 4 HTTP 400, 5 HTTP 500, 9 slow."""
+
+    seen: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakePrefill.seen.append(body)
+        kind = body["prompt"][0]
+        if kind == 9:
+            time.sleep(2)
+        if kind in (4, 5):
+            return self._send(400 if kind == 4 else 500, {"error": "no"})
+        params = {"pdpush_error": "bad target"} if kind == 1 else {"pdpush": {"pushed": True}}
+        self._send(200, {"choices": [{"token_ids": [77]}], "kv_transfer_params": params})
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/metrics":
+            return self._send(200, 'vllm:num_requests_waiting{model_name="m"} 3.0\n', raw=True)
+        self._send(200, {})
+
+    def _send(self, status: int, payload, raw: bool = False) -> None:
+        data = payload.encode() if raw else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        return
+
+
+@pytest.fixture(scope="module")
+def fake_p():
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), FakePrefill)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture
+def client(fake_p):
+    c = PrefillClient((fake_p,), health_interval_s=0.1)
+    yield c
+    c.close()
+
+
+def job(url: str, kind: int, timeout_s: float = 5.0, req_id: str = "r") -> PrefillJob:
+    return PrefillJob(req_id, url, [kind, 1, 2], {"temperature": 0.0}, {"pdpush": {"x": 1}},
+                      time.time() + timeout_s)
+
+
+def wait_result(client: PrefillClient, timeout_s: float = 5.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        results = client.drain_results()
+        if results:
+            return results[0]
+        time.sleep(0.02)
+    raise AssertionError("no result")
+
+
+def test_ok_returns_first_token_and_sends_one_token_request(client, fake_p):
+    client.submit(job(fake_p, 0))
+    result = wait_result(client)
+    assert (result.ok, result.first_token) == (True, 77)
+    sent = FakePrefill.seen[-1]
+    assert sent["max_tokens"] == 1 and sent["kv_transfer_params"] == {"pdpush": {"x": 1}}
+
+
+@pytest.mark.parametrize("kind, may_have_written, error", [
+    (1, False, "bad target"), (4, False, "P answered 400"), (5, True, "P answered 500"),
+])
+def test_p_errors(client, fake_p, kind, may_have_written, error):
+    client.submit(job(fake_p, kind))
+    result = wait_result(client)
+    assert not result.ok and result.may_have_written is may_have_written
+    assert error in result.error
+
+
+def test_unreachable_prefill_fails_fast_and_wrote_nothing(client):
+    client.submit(job(f"http://127.0.0.1:{free_port()}", 0))
+    result = wait_result(client)
+    assert not result.ok and not result.may_have_written and "cannot reach" in result.error
+
+
+def test_deadline_abandons_a_slow_prefill(client, fake_p):
+    start = time.monotonic()
+    client.submit(job(fake_p, 9, timeout_s=0.3))
+    result = wait_result(client)
+    assert time.monotonic() - start < 1.5
+    assert not result.ok and result.may_have_written and "deadline" in result.error
+
+
+def test_cancel_ends_the_call(client, fake_p):
+    client.submit(job(fake_p, 9, req_id="c"))
+    time.sleep(0.2)
+    assert client.cancel("c")
+    result = wait_result(client)
+    assert result.error == "cancelled by D" and result.may_have_written
+    assert not client.cancel("c")
+
+
+def test_health_reports_queue_from_metrics(client):
+    deadline = time.monotonic() + 3
+    reports = []
+    while not reports and time.monotonic() < deadline:
+        reports = client.drain_health()
+        time.sleep(0.05)
+    assert reports and reports[0].ok and reports[0].queue == 3
