@@ -7,8 +7,15 @@ import time
 import pytest
 import torch
 
-from pdpush.transfer.engine import DRAM, MemRegion, Placement, TransferEngine, TransferError
-from pdpush.transfer.layout import BlockLayout, ByteRun, byte_runs
+from pdpush.transfer.engine import (
+    DRAM,
+    EngineConfig,
+    MemRegion,
+    Placement,
+    TransferEngine,
+    TransferError,
+)
+from pdpush.transfer.layout import BlockLayout, ByteRun, RunPlan, byte_runs
 
 pytest.importorskip("nixl._api")
 
@@ -117,3 +124,21 @@ def test_close_releases_everything_and_is_idempotent():
     p.close()
     d.close()
     assert not p._registrations and not p._peers and not p._transfers
+
+
+def test_thread_pool_config_moves_the_same_bytes():
+    """EngineConfig(num_threads=...) reaches NIXL's UCX thread pool; bytes still land exactly."""
+    cfg = EngineConfig(num_threads=2, backend_params=(("split_batch_size", "4"),))
+    p, d = TransferEngine("P-pool", cfg), TransferEngine("D-pool")
+    try:
+        src, dst = kv_caches(seed=9), kv_caches(seed=None)
+        src_lay, dst_lay = register(p, src), register(d, dst)
+        peer = p.add_peer(d.metadata())
+        ids = list(range(0, 30, 2))  # nothing coalesces: 15 descriptors per layer
+        plan = RunPlan(src_lay, dst_lay, ids, ids[::-1])
+        p.wait([p.write(peer, plan.layer(i)) for i in range(LAYERS)], also_progress=[d])
+        for layer in range(LAYERS):
+            assert torch.equal(dst[layer][ids[::-1]], src[layer][ids])
+    finally:
+        p.close()
+        d.close()

@@ -11,6 +11,7 @@ from pdpush.transfer.layout import (
     BlockLayout,
     BlockRun,
     ByteRun,
+    RunPlan,
     block_runs,
     byte_runs,
     merge_adjacent,
@@ -176,3 +177,19 @@ def test_bad_input_is_rejected():
         BlockLayout.from_strided(0, (4, 2, 8), (8, 0, 1), 2, 0)
     with pytest.raises(ValueError, match="block_dim"):
         BlockLayout.from_strided(0, (4, 8), (8, 1), 2, 2)
+
+
+def test_run_plan_matches_byte_runs_per_layer():
+    raw_src = torch.empty(4, 40, BS, HEADS, 2 * DIM, dtype=torch.bfloat16)
+    raw_dst = torch.empty(4, 50, BS, HEADS, 2 * DIM, dtype=torch.bfloat16)
+    src = [BlockLayout.from_tensor(raw_src[i].permute(0, 2, 1, 3), 0) for i in range(4)]
+    dst = [BlockLayout.from_tensor(raw_dst[i].permute(0, 2, 1, 3), 0) for i in range(4)]
+    dst[2] = BlockLayout.from_tensor(block_outer(50), 0)  # a layer of another structure
+    rng = random.Random(7)
+    src_ids, dst_ids = vllm_like_ids(rng, 20, 40), vllm_like_ids(rng, 20, 50)
+    plan = RunPlan(src, dst, src_ids, dst_ids)
+    assert len(plan) == 4
+    for i in range(4):
+        assert plan.layer(i) == byte_runs(src[i], dst[i], src_ids, dst_ids)
+    with pytest.raises(ValueError):
+        RunPlan(src, dst[:3], src_ids, dst_ids)

@@ -85,10 +85,15 @@ class MemRegion:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """`num_threads` > 0 gives NIXL's UCX backend a thread pool that posts one WRITE's
+    descriptors in parallel (split in batches of `backend_params["split_batch_size"]`); on the
+    H200's cuda_ipc path the host cost per descriptor is what limits a fragmented push."""
+
     backends: tuple[str, ...] = ("UCX",)
     progress_thread: bool = False
-    num_threads: int = 0  # UCX workers; 0 = NIXL's default
+    num_threads: int = 0  # 0 = NIXL's default (post from the calling thread)
     thread_safe: bool = True
+    backend_params: tuple[tuple[str, str], ...] = ()  # extra init params, e.g. num_workers
 
 
 @dataclass
@@ -304,9 +309,12 @@ def _nixl_agent(name: str, config: EngineConfig) -> Any:
     sync = (nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT if config.thread_safe
             else nixl_thread_sync_t.NIXL_THREAD_SYNC_NONE)
     conf = nixl_agent_config(
-        enable_prog_thread=config.progress_thread,
-        backends=list(config.backends),
-        num_threads=config.num_threads,
-        sync_mode=sync,
+        enable_prog_thread=config.progress_thread, backends=[], sync_mode=sync,
     )
-    return nixl_agent(name, conf)
+    agent = nixl_agent(name, conf)
+    params = dict(config.backend_params)
+    if config.num_threads:
+        params["num_threads"] = str(config.num_threads)
+    for backend in config.backends:
+        agent.create_backend(backend, params)
+    return agent

@@ -20,6 +20,8 @@ Public API (the connector uses these):
     runs = byte_runs(src_layout, dst_layout, src_block_ids, dst_block_ids)  # list[ByteRun]
     block_runs(src_ids, dst_ids) -> list[BlockRun]   # positions consecutive on BOTH sides
     merge_adjacent(runs) -> list[ByteRun]            # join runs contiguous on both sides
+    plan = RunPlan(src_layouts, dst_layouts, src_ids, dst_ids); plan.layer(i)  # per request,
+                                                     # cheap per layer (layers share structure)
     layout.region() -> (addr, nbytes)                # what to register with the engine
 
 `byte_runs` pairs position i of `src_block_ids` with position i of `dst_block_ids`. A segment of a
@@ -203,6 +205,43 @@ def merge_adjacent(runs: Sequence[ByteRun]) -> list[ByteRun]:
                 continue
         out.append(run)
     return out
+
+
+def rebase(runs: Sequence[ByteRun], src_delta: int, dst_delta: int) -> list[ByteRun]:
+    """The same runs moved by fixed address offsets on each side."""
+    return [ByteRun(r.src + src_delta, r.dst + dst_delta, r.nbytes) for r in runs]
+
+
+class RunPlan:
+    """Byte runs of every layer for one request, computed once.
+
+    Layers of one cache group share their structure and differ only in base address, so the
+    runs of layer 0 shifted by the layers' base offsets are the runs of every layer; that makes
+    `layer(i)` cost a list shift (~10 us) instead of a full `byte_runs` (~150 us in Python) on
+    the forward path. Layers whose structure differs fall back to `byte_runs`.
+    """
+
+    def __init__(self, src: Sequence[BlockLayout], dst: Sequence[BlockLayout],
+                 src_ids: Sequence[int], dst_ids: Sequence[int]):
+        if len(src) != len(dst):
+            raise ValueError(f"{len(src)} source layers but {len(dst)} destination layers")
+        self.src, self.dst = list(src), list(dst)
+        self.src_ids, self.dst_ids = list(src_ids), list(dst_ids)
+        self._base = byte_runs(self.src[0], self.dst[0], self.src_ids, self.dst_ids) if src else []
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def layer(self, i: int) -> list[ByteRun]:
+        s, d, s0, d0 = self.src[i], self.dst[i], self.src[0], self.dst[0]
+        if _same_structure(s, s0) and _same_structure(d, d0):
+            return rebase(self._base, s.base - s0.base, d.base - d0.base)
+        return byte_runs(s, d, self.src_ids, self.dst_ids)
+
+
+def _same_structure(a: BlockLayout, b: BlockLayout) -> bool:
+    return (a.num_blocks, a.block_stride, a.segments, a.order) == (
+        b.num_blocks, b.block_stride, b.segments, b.order)
 
 
 def total_bytes(runs: Sequence[ByteRun]) -> int:

@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-PHASES = ("correctness", "ordering", "bandwidth", "interference")
+PHASES = ("correctness", "ordering", "bandwidth", "pipeline", "interference")
 SHAPE_NAMES = ("qwen2-7b", "qwen2-72b-tp4", "tiny")
 
 
@@ -35,6 +35,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mean-run", type=float, default=6.0,
                         help="mean length of consecutive-block stretches in block tables")
     parser.add_argument("--seed", type=int, default=0, help="seed of the block tables")
+    parser.add_argument("--layer-ms", type=float, default=2.0,
+                        help="simulated prefill GPU time per layer in the pipeline phase "
+                             "(default 2.0: ~60%% of the H200's bf16 rate for 2000 tokens)")
+    parser.add_argument("--ucx-threads", type=int, default=0,
+                        help="NIXL UCX thread pool posting each WRITE's descriptors (default 0)")
+    parser.add_argument("--ucx-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra NIXL UCX backend init parameter (repeatable), "
+                             "e.g. split_batch_size=16 or num_workers=2")
 
 
 def build_config(args: argparse.Namespace):
@@ -62,6 +70,11 @@ def build_config(args: argparse.Namespace):
                 raise ValueError(f"--{name} must be at least 1")
             setattr(cfg, name, getattr(args, name))
     cfg.phases, cfg.mean_run, cfg.seed = phases, args.mean_run, args.seed
+    bad = [kv for kv in args.ucx_param if "=" not in kv]
+    if bad or args.ucx_threads < 0 or args.layer_ms < 0:
+        raise ValueError(f"--ucx-param needs KEY=VALUE (got {bad}); --ucx-threads and "
+                         "--layer-ms must not be negative")
+    cfg.layer_ms, cfg.ucx_threads, cfg.ucx_params = args.layer_ms, args.ucx_threads, args.ucx_param
     return cfg
 
 

@@ -61,6 +61,14 @@ def shape_summary(name: str, res: dict) -> dict:
             k: {"trials": len(v), "trials_with_stale_data": sum(c["bad_blocks"] > 0 for c in v),
                 "stale_blocks": sum(c["bad_blocks"] for c in v)}
             for k, v in res["ordering"].items()}
+    if "pipeline" in res:
+        pipe = res["pipeline"]
+        out["pipeline"] = {
+            "compute_ms": statistics.median(r["compute_s"] for r in pipe) * 1e3,
+            "push_ms": statistics.median(r["push_s"] for r in pipe) * 1e3,
+            "exposed_ms": statistics.median(r["push_s"] - r["compute_s"] for r in pipe) * 1e3,
+            "post_us_per_layer": statistics.fmean(statistics.fmean(r["post_us"]) for r in pipe),
+            "bad_blocks": sum(r["bad_blocks"] for r in pipe)}
     if "bandwidth" in res:
         out["bandwidth"] = bandwidth_summary(res["bandwidth"], SHAPES[name].prompt_blocks())
     return out
@@ -103,7 +111,7 @@ def markdown(summary: dict) -> str:
         if name == "interference":
             continue
         lines.append(f"## {name}\n\nfence: {s['fence']}\n")
-        for key in ("correctness", "ordering", "bandwidth"):
+        for key in ("correctness", "ordering", "bandwidth", "pipeline"):
             if key in s:
                 lines.append(f"**{key}**\n")
                 lines += [f"- {k}: {_fmt(v)}" for k, v in s[key].items()]

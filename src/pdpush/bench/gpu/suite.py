@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pdpush.bench.gpu.shapes import SHAPES, fragmented_ids
+from pdpush.transfer.engine import EngineConfig
 
 log = logging.getLogger("pdpush.bench.gpu")
 
-PHASES = ("correctness", "ordering", "bandwidth", "interference")
+PHASES = ("correctness", "ordering", "bandwidth", "pipeline", "interference")
 
 
 @dataclass
@@ -45,6 +46,14 @@ class SuiteConfig:
     settle_s: float = 0.3
     qps_ladder: list[float] = field(default_factory=lambda: [10, 30, 100, 300, 1000])
     seed: int = 0
+    layer_ms: float = 2.0  # prefill GPU time per layer for the pipeline phase
+    pipeline_trials: int = 3
+    ucx_threads: int = 0
+    ucx_params: list[str] = field(default_factory=list)  # KEY=VALUE UCX backend init params
+
+    def engine_config(self) -> EngineConfig:
+        params = tuple(tuple(kv.split("=", 1)) for kv in self.ucx_params)
+        return EngineConfig(num_threads=self.ucx_threads, backend_params=params)
 
     def gpu(self, role: str) -> int | None:
         if self.device == "cpu":
@@ -59,12 +68,13 @@ class WorkerError(RuntimeError):
 class Proc:
     """One worker process (P or D) and its command pipe."""
 
-    def __init__(self, ctx: Any, role: str, gpu: int | None):
+    def __init__(self, ctx: Any, role: str, gpu: int | None, engine_config: EngineConfig):
         from pdpush.bench.gpu.workers import worker_main
 
         self.role = role
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(role, child, gpu), daemon=True)
+        self.proc = ctx.Process(target=worker_main, args=(role, child, gpu, engine_config),
+                                daemon=True)
         self.proc.start()
         child.close()
 
@@ -109,12 +119,13 @@ class Suite:
 
     def run(self) -> dict[str, Any]:
         ctx = mp.get_context("spawn")
-        self.d = Proc(ctx, "D", self.cfg.gpu("D"))
-        self.p = Proc(ctx, "P", self.cfg.gpu("P"))
+        engine = self.cfg.engine_config()
+        self.d = Proc(ctx, "D", self.cfg.gpu("D"), engine)
+        self.p = Proc(ctx, "P", self.cfg.gpu("P"), engine)
         t0 = time.time()
         try:
             for name in self.cfg.shapes:
-                if set(self.cfg.phases) & {"correctness", "ordering", "bandwidth"}:
+                if set(self.cfg.phases) - {"interference"}:
                     self.results["shapes"][name] = self.run_shape(name)
                     self.save()
             if "interference" in self.cfg.phases:
@@ -179,6 +190,23 @@ class Suite:
             out["bandwidth"] = self.p.call("bandwidth", d_layouts=layouts, src_ids=src,
                                            dst_ids=dst, iters=cfg.bw_iters, tag=tag)
             self.d.result()
+        if "pipeline" in cfg.phases:
+            out["pipeline"] = self.run_pipeline(layouts, shape)
+        return out
+
+    def run_pipeline(self, layouts: list, shape: str) -> list[dict]:
+        """Layer-wise push behind simulated prefill compute (`layer_ms` per layer): how much
+        of the push is left exposed after the last layer's compute."""
+        cfg = self.cfg
+        log.info("%s: pipeline, %.1f ms compute per layer", shape, cfg.layer_ms)
+        out = []
+        for t in range(cfg.pipeline_trials):
+            pushed = self.push_once(layouts, shape, seed=400 + t, slow_ms=cfg.layer_ms)
+            src, _ = self.tables(shape)
+            compute = self.p.call("compute_only", src_ids=src, seed=400 + t, slow_ms=cfg.layer_ms)
+            out.append({"push_s": pushed["push"]["seconds"], "compute_s": compute,
+                        "bad_blocks": pushed["check"]["bad_blocks"],
+                        "post_us": pushed["push"]["post_us"]})
         return out
 
     def run_interference(self) -> dict:

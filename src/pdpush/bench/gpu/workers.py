@@ -19,17 +19,18 @@ import torch
 
 from pdpush.bench.gpu.decode import QWEN2_7B, TINY, DecodeModel, StepTimer
 from pdpush.bench.gpu.shapes import SHAPES, KVCaches, layer_content
-from pdpush.transfer.engine import DRAM, VRAM, MemRegion, TransferEngine, TransferState
-from pdpush.transfer.layout import byte_runs, merge_adjacent
+from pdpush.transfer.engine import (DRAM, VRAM, EngineConfig, MemRegion, TransferEngine,
+                                    TransferState)
+from pdpush.transfer.layout import RunPlan, byte_runs, merge_adjacent
 from pdpush.transfer.ordering import LayerJob, OrderedPoster, ReceiveFence
 
 log = logging.getLogger("pdpush.bench.gpu")
 
 
-def worker_main(role: str, conn: Any, gpu: int | None) -> None:
+def worker_main(role: str, conn: Any, gpu: int | None, engine_config: EngineConfig) -> None:
     """Process entry: serve (command, kwargs) messages until None; reply ("ok"|"err", value)."""
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} %(message)s")
-    side = (PushSide if role == "P" else ReceiveSide)(conn, gpu)
+    side = (PushSide if role == "P" else ReceiveSide)(conn, gpu, engine_config)
     try:
         while (msg := _next_message(conn, side.engine)) is not None:
             name, kwargs = msg
@@ -54,14 +55,14 @@ class Side:
 
     role = "?"
 
-    def __init__(self, conn: Any, gpu: int | None):
+    def __init__(self, conn: Any, gpu: int | None, engine_config: EngineConfig):
         self.conn = conn
         if gpu is None:
             self.device, self.place = torch.device("cpu"), DRAM
         else:
             torch.cuda.set_device(gpu)
             self.device, self.place = torch.device("cuda", gpu), VRAM(gpu)
-        self.engine = TransferEngine(f"pdpush-bench-{self.role}")
+        self.engine = TransferEngine(f"pdpush-bench-{self.role}", engine_config)
         self.caches: KVCaches | None = None
         self._reg = None
 
@@ -91,8 +92,8 @@ class Side:
 class PushSide(Side):
     role = "P"
 
-    def __init__(self, conn: Any, gpu: int | None):
-        super().__init__(conn, gpu)
+    def __init__(self, conn: Any, gpu: int | None, engine_config: EngineConfig):
+        super().__init__(conn, gpu, engine_config)
         self.peer: str | None = None
         self.remote = self.place
         self.poster: OrderedPoster = OrderedPoster(self._post)
@@ -113,7 +114,8 @@ class PushSide(Side):
 
     def _runs(self, d_layouts: list, src_ids: list[int], dst_ids: list[int]) -> list[list]:
         """Per-layer coalesced byte runs from P's layouts into D's (D's addresses given)."""
-        return [byte_runs(s, d, src_ids, dst_ids) for s, d in zip(self.caches.layouts, d_layouts)]
+        plan = RunPlan(self.caches.layouts, d_layouts, src_ids, dst_ids)
+        return [plan.layer(i) for i in range(len(plan))]
 
     def cmd_push(self, d_layouts: list, src_ids: list[int], dst_ids: list[int], seed: int,
                  tag: bytes, use_events: bool = True, slow_ms: float = 0.0,
@@ -124,21 +126,21 @@ class PushSide(Side):
         index = torch.tensor(src_ids, device=self.device)
         if stale_seed is not None:  # old contents that a too-early WRITE would ship
             for layer in range(shape.layers):
-                caches.layers[layer][index] = layer_content(shape, stale_seed, layer, n, self.device)
+                self._compute_layer(layer, index, stale_seed, 0.0)
             self._sync()
-        r0 = time.perf_counter()
-        runs = self._runs(d_layouts, src_ids, dst_ids)
-        runs_us = (time.perf_counter() - r0) * 1e6 / shape.layers
         cuda = self.device.type == "cuda"
         t0 = time.perf_counter()
+        plan = RunPlan(caches.layouts, d_layouts, src_ids, dst_ids)
+        runs, runs_s = [], time.perf_counter() - t0
         for layer in range(shape.layers):
-            if cuda and slow_ms:
-                torch.cuda._sleep(int(slow_ms * 1.98e6))  # about slow_ms at the H200's clock
-            caches.layers[layer][index] = layer_content(shape, seed, layer, n, self.device)
+            self._compute_layer(layer, index, seed, slow_ms)
             event = None
             if cuda and use_events:
                 event = torch.cuda.Event()
                 event.record()
+            r0 = time.perf_counter()
+            runs.append(plan.layer(layer))  # what save_kv_layer computes on the forward path
+            runs_s += time.perf_counter() - r0
             self.poster.submit(event, LayerJob(layer, runs[layer]))
         posted = self.poster.drain(timeout_s=60)
         xfers = [x for x, _ in posted]
@@ -148,9 +150,28 @@ class PushSide(Side):
         for x in xfers:
             self.engine.release(x)
         self._sync()
-        return {"seconds": seconds, "post_us": [p * 1e6 for _, p in posted], "runs_us": runs_us,
+        return {"seconds": seconds, "post_us": [p * 1e6 for _, p in posted],
+                "runs_us": runs_s * 1e6 / shape.layers,
                 "descriptors": sum(len(r) for r in runs),
                 "bytes": n * shape.layers * shape.page_bytes}
+
+    def _compute_layer(self, layer: int, index: Any, seed: int, slow_ms: float) -> None:
+        """Stand-in for a prefill layer: `slow_ms` of GPU time, then its KV written."""
+        if self.device.type == "cuda" and slow_ms:
+            torch.cuda._sleep(int(slow_ms * 1.98e6))  # about slow_ms at the H200's clock
+        shape = self.caches.shape
+        self.caches.layers[layer][index] = layer_content(shape, seed, layer, len(index),
+                                                         self.device)
+
+    def cmd_compute_only(self, src_ids: list[int], seed: int, slow_ms: float) -> float:
+        """Seconds for the same per-layer compute as `push`, with nothing pushed."""
+        index = torch.tensor(src_ids, device=self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        for layer in range(self.caches.shape.layers):
+            self._compute_layer(layer, index, seed, slow_ms)
+        self._sync()
+        return time.perf_counter() - t0
 
     def cmd_bandwidth(self, d_layouts: list, src_ids: list[int], dst_ids: list[int],
                       iters: int, tag: bytes, uncoalesced_iters: int = 1) -> dict:
@@ -269,8 +290,8 @@ class PushSide(Side):
 class ReceiveSide(Side):
     role = "D"
 
-    def __init__(self, conn: Any, gpu: int | None):
-        super().__init__(conn, gpu)
+    def __init__(self, conn: Any, gpu: int | None, engine_config: EngineConfig):
+        super().__init__(conn, gpu, engine_config)
         self.fence = ReceiveFence.for_device(gpu)
         self.inbox: list[bytes] = []
         self.decoder: DecodeModel | None = None
