@@ -38,10 +38,10 @@ class SlowKernel:
         self._thread.join()
 
 
-def push_layers(use_event: bool, layers: int = 4) -> list[list[int]]:
+def push_layers(use_event: bool, layers: int = 4, threads: int = 1) -> list[list[int]]:
     """Each layer: a slow write to its buffer, then a "WRITE" that snapshots the buffer."""
     bufs = [[0] * 8 for _ in range(layers)]
-    poster = OrderedPoster(lambda job: (job.layer, list(bufs[job.layer])))
+    poster = OrderedPoster(lambda job: (job.layer, list(bufs[job.layer])), threads=threads)
     kernels = []
     for layer in range(layers):
         kernel = SlowKernel(bufs[layer], value=layer + 1, delay_s=0.05)
@@ -51,13 +51,14 @@ def push_layers(use_event: bool, layers: int = 4) -> list[list[int]]:
     poster.close()
     for kernel in kernels:
         kernel.join()
-    assert [layer for layer, _ in sent] == list(range(layers))  # posted in submit order
+    assert [layer for layer, _ in sent] == list(range(layers))  # returned in submit order
     return [snapshot for _, snapshot in sent]
 
 
-def test_event_rule_never_sends_stale_data():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_event_rule_never_sends_stale_data(threads):
     for _ in range(5):
-        for layer, snapshot in enumerate(push_layers(use_event=True)):
+        for layer, snapshot in enumerate(push_layers(use_event=True, threads=threads)):
             assert snapshot == [layer + 1] * 8
 
 
@@ -92,7 +93,11 @@ def test_post_errors_reach_drain():
         poster.submit(None, job)
     with pytest.raises(ValueError, match="boom"):
         poster.drain(timeout_s=5)
+    poster.submit(None, "d")  # usable after an error
+    assert poster.drain(timeout_s=5) == ["d"]
     poster.close()
+    with pytest.raises(ValueError):
+        OrderedPoster(post, threads=0)
 
 
 class FakeRuntime:

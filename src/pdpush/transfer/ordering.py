@@ -6,7 +6,8 @@ it finished. Record a CUDA event on the compute stream right after the layer's K
 it to an `OrderedPoster`; its transfer thread waits on that event (never on the compute stream)
 and only then posts the WRITE. Compute runs on; posting overlaps it.
 
-    poster = OrderedPoster(lambda job: engine.write(peer, job.runs, local=..., remote=...))
+    poster = OrderedPoster(lambda job: engine.write(peer, job.runs, local=..., remote=...),
+                           threads=1)                   # >1: post several layers at once
     ev = torch.cuda.Event(); ev.record()              # after layer l's KV write, compute stream
     poster.submit(ev, LayerJob(l, runs))              # event None where there is no GPU (CPU)
     transfers = poster.drain(timeout_s=30)            # the posted Transfers, in submit order
@@ -68,54 +69,65 @@ class LayerJob:
 
 
 class OrderedPoster(Generic[J, R]):
-    """A transfer thread that calls `post(job)` for each job only after the job's event fired.
+    """Transfer thread(s) that call `post(job)` for each job only after the job's event fired.
 
-    Jobs are posted in submit order. `post` runs on the transfer thread; its results and any
-    exception are collected for `drain`. An event of None means "already complete" (CPU).
+    With one thread (the default) jobs are posted in submit order; with `threads` > 1 several
+    jobs may be posted at once (NIXL releases the GIL while posting), still each only after its
+    own event. `drain` returns results in submit order and re-raises the first exception.
+    An event of None means "already complete" (CPU, or data written earlier).
     """
 
-    def __init__(self, post: Callable[[J], R], name: str = "pdpush-post"):
+    def __init__(self, post: Callable[[J], R], name: str = "pdpush-post", threads: int = 1):
+        if threads < 1:
+            raise ValueError("a poster needs at least one thread")
         self._post = post
-        self._jobs: queue.Queue[tuple[Event | None, J] | None] = queue.Queue()
-        self._results: list[R] = []
+        self._jobs: queue.Queue[tuple[int, Event | None, J] | None] = queue.Queue()
+        self._results: dict[int, R] = {}
         self._error: BaseException | None = None
-        self._pending = 0
+        self._submitted = self._finished = 0
         self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, event: Event | None, job: J) -> None:
         """Queue `job`; it is posted once `event` completed. Never blocks the caller."""
-        if not self._thread.is_alive():
+        if not self._threads[0].is_alive():
             raise RuntimeError("poster is closed")
         with self._cv:
-            self._pending += 1
-        self._jobs.put((event, job))
+            seq = self._submitted
+            self._submitted += 1
+        self._jobs.put((seq, event, job))
 
     def drain(self, timeout_s: float = 30.0) -> list[R]:
         """Wait until every submitted job was posted; return and forget their results."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
-            while self._pending and self._error is None:
+            while self._finished < self._submitted:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"{self._pending} jobs not posted after {timeout_s}s")
+                    pending = self._submitted - self._finished
+                    raise TimeoutError(f"{pending} jobs not posted after {timeout_s}s")
                 self._cv.wait(left)
+            out = [self._results[k] for k in sorted(self._results)]
+            self._results = {}
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
-            out, self._results = self._results, []
             return out
 
     def close(self) -> None:
-        """Stop the thread after the jobs already queued."""
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()
+        """Stop the threads after the jobs already queued."""
+        if self._threads[0].is_alive():
+            for _ in self._threads:
+                self._jobs.put(None)
+            for t in self._threads:
+                t.join()
 
     def _loop(self) -> None:
         while (item := self._jobs.get()) is not None:
-            event, job = item
+            seq, event, job = item
             try:
                 if event is not None:
                     event.synchronize()  # this thread waits; the compute stream does not
@@ -123,12 +135,12 @@ class OrderedPoster(Generic[J, R]):
             except BaseException as exc:  # reported to the caller through drain()
                 with self._cv:
                     self._error = self._error or exc
-                    self._pending -= 1
+                    self._finished += 1
                     self._cv.notify_all()
                 continue
             with self._cv:
-                self._results.append(result)
-                self._pending -= 1
+                self._results[seq] = result
+                self._finished += 1
                 self._cv.notify_all()
 
 

@@ -40,6 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default 2.0: ~60%% of the H200's bf16 rate for 2000 tokens)")
     parser.add_argument("--ucx-threads", type=int, default=0,
                         help="NIXL UCX thread pool posting each WRITE's descriptors (default 0)")
+    parser.add_argument("--post-threads", type=int, default=1,
+                        help="P's transfer threads posting layer WRITEs (default 1)")
     parser.add_argument("--ucx-param", action="append", default=[], metavar="KEY=VALUE",
                         help="extra NIXL UCX backend init parameter (repeatable), "
                              "e.g. split_batch_size=16 or num_workers=2")
@@ -71,9 +73,10 @@ def build_config(args: argparse.Namespace):
             setattr(cfg, name, getattr(args, name))
     cfg.phases, cfg.mean_run, cfg.seed = phases, args.mean_run, args.seed
     bad = [kv for kv in args.ucx_param if "=" not in kv]
-    if bad or args.ucx_threads < 0 or args.layer_ms < 0:
+    if bad or args.ucx_threads < 0 or args.layer_ms < 0 or args.post_threads < 1:
         raise ValueError(f"--ucx-param needs KEY=VALUE (got {bad}); --ucx-threads and "
-                         "--layer-ms must not be negative")
+                         "--layer-ms must not be negative, --post-threads at least 1")
+    cfg.post_threads = args.post_threads
     cfg.layer_ms, cfg.ucx_threads, cfg.ucx_params = args.layer_ms, args.ucx_threads, args.ucx_param
     return cfg
 

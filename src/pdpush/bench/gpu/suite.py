@@ -35,7 +35,7 @@ class SuiteConfig:
     trials: int = 5
     ordering_trials: int = 20
     slow_ms: float = 1.0
-    bw_iters: int = 5
+    bw_iters: int = 20
     interference_shape: str = "qwen2-7b"
     batch: int = 64
     ctx_lo: int = 1500
@@ -49,6 +49,7 @@ class SuiteConfig:
     layer_ms: float = 2.0  # prefill GPU time per layer for the pipeline phase
     pipeline_trials: int = 3
     ucx_threads: int = 0
+    post_threads: int = 1
     ucx_params: list[str] = field(default_factory=list)  # KEY=VALUE UCX backend init params
 
     def engine_config(self) -> EngineConfig:
@@ -68,13 +69,14 @@ class WorkerError(RuntimeError):
 class Proc:
     """One worker process (P or D) and its command pipe."""
 
-    def __init__(self, ctx: Any, role: str, gpu: int | None, engine_config: EngineConfig):
+    def __init__(self, ctx: Any, role: str, gpu: int | None, engine_config: EngineConfig,
+                 post_threads: int = 1):
         from pdpush.bench.gpu.workers import worker_main
 
         self.role = role
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(role, child, gpu, engine_config),
-                                daemon=True)
+        self.proc = ctx.Process(target=worker_main,
+                                args=(role, child, gpu, engine_config, post_threads), daemon=True)
         self.proc.start()
         child.close()
 
@@ -121,7 +123,7 @@ class Suite:
         ctx = mp.get_context("spawn")
         engine = self.cfg.engine_config()
         self.d = Proc(ctx, "D", self.cfg.gpu("D"), engine)
-        self.p = Proc(ctx, "P", self.cfg.gpu("P"), engine)
+        self.p = Proc(ctx, "P", self.cfg.gpu("P"), engine, self.cfg.post_threads)
         t0 = time.time()
         try:
             for name in self.cfg.shapes:

@@ -27,10 +27,14 @@ from pdpush.transfer.ordering import LayerJob, OrderedPoster, ReceiveFence
 log = logging.getLogger("pdpush.bench.gpu")
 
 
-def worker_main(role: str, conn: Any, gpu: int | None, engine_config: EngineConfig) -> None:
+def worker_main(role: str, conn: Any, gpu: int | None, engine_config: EngineConfig,
+                post_threads: int = 1) -> None:
     """Process entry: serve (command, kwargs) messages until None; reply ("ok"|"err", value)."""
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} %(message)s")
-    side = (PushSide if role == "P" else ReceiveSide)(conn, gpu, engine_config)
+    if role == "P":
+        side: Side = PushSide(conn, gpu, engine_config, post_threads)
+    else:
+        side = ReceiveSide(conn, gpu, engine_config)
     try:
         while (msg := _next_message(conn, side.engine)) is not None:
             name, kwargs = msg
@@ -92,11 +96,12 @@ class Side:
 class PushSide(Side):
     role = "P"
 
-    def __init__(self, conn: Any, gpu: int | None, engine_config: EngineConfig):
+    def __init__(self, conn: Any, gpu: int | None, engine_config: EngineConfig,
+                 post_threads: int):
         super().__init__(conn, gpu, engine_config)
         self.peer: str | None = None
         self.remote = self.place
-        self.poster: OrderedPoster = OrderedPoster(self._post)
+        self.poster: OrderedPoster = OrderedPoster(self._post, threads=post_threads)
 
     def cmd_connect(self, metadata: bytes, remote_gpu: int | None) -> str:
         """Load D's agent metadata (again after D registered new memory)."""
@@ -182,7 +187,7 @@ class PushSide(Side):
         contiguous = [[r] for r in merge_adjacent(
             [rr for lay in self._runs(d_layouts, list(range(n)), list(range(n))) for rr in lay])]
         modes = {
-            "layerwise": (lambda: self._timed_writes(runs), iters),
+            "layerwise": (lambda: self._timed_poster(runs), iters),
             "layerwise_serial": (lambda: self._timed_writes(runs, serial=True), iters),
             "merged": (lambda: self._timed_writes([[r for lay in runs for r in lay]]), iters),
             "contiguous": (lambda: self._timed_writes(contiguous), iters),
@@ -203,6 +208,19 @@ class PushSide(Side):
         """One descriptor per block (and segment): the baseline that coalescing beats."""
         return [[r for s, d in zip(src_ids, dst_ids) for r in byte_runs(sl, dl, [s], [d])]
                 for sl, dl in zip(self.caches.layouts, d_layouts)]
+
+    def _timed_poster(self, runs: list[list]) -> dict:
+        """Layer WRITEs through the transfer thread(s), as `push` posts them (data ready)."""
+        t0 = time.perf_counter()
+        for layer, layer_runs in enumerate(runs):
+            self.poster.submit(None, LayerJob(layer, layer_runs))
+        posted = self.poster.drain(timeout_s=60)
+        self.engine.wait([x for x, _ in posted])
+        seconds = time.perf_counter() - t0
+        for x, _ in posted:
+            self.engine.release(x)
+        return {"seconds": seconds, "post_us_mean": 1e6 * sum(p for _, p in posted) / len(posted),
+                "writes": len(posted)}
 
     def _timed_writes(self, groups: list[list], serial: bool = False) -> dict:
         """Post one WRITE per group (all in flight unless serial), wait; seconds and post us."""
