@@ -115,14 +115,15 @@ class PrefillClient:
         start = time.time()
         result = PrefillResult(job.req_id, job.url, ok=False)
         try:
-            result = await self._post(job)
+            # One overall limit: httpx's timeout is per read, and P may trickle or stall.
+            result = await asyncio.wait_for(self._post(job), max(0.1, job.deadline - start))
         except asyncio.CancelledError:
             result.error = "cancelled by D"
             raise
         except httpx.ConnectError as exc:
             result.error = f"cannot reach {job.url}: {exc}"
             result.may_have_written = False
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, asyncio.TimeoutError):
             result.error = f"no answer from {job.url} before the deadline"
         except httpx.HTTPError as exc:
             result.error = f"do_prefill to {job.url} failed: {exc!r}"
@@ -140,8 +141,7 @@ class PrefillClient:
             "kv_transfer_params": job.kv_transfer_params,
             **job.sampling,
         }
-        timeout = max(0.1, job.deadline - time.time())
-        resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=timeout)
+        resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=None)
         if resp.status_code != 200:
             # 4xx: P's server rejected the request before its engine saw it.
             return PrefillResult(job.req_id, job.url, False, error=f"P answered {resp.status_code}: "

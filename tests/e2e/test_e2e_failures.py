@@ -1,0 +1,150 @@
+"""Two P instances and the failure contract, on real vLLM CPU engines.
+
+D sends to P0 and P1 (each P runs one request at a time and accepts at most 2048 tokens, D
+4096). Every request must complete with the aggregated engine's greedy tokens whatever happens
+to its prefill: P erroring, P busy past the deadline, the client aborting while D waits for KV,
+a P killed mid-run. Free block counts return to their baseline after each test.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e_helpers import (
+    LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks, where,
+)
+
+from pdpush.cluster import VllmServer, free_port
+from pdpush.connector.config import decode_kv_config, prefill_kv_config
+
+pytestmark = pytest.mark.e2e
+MAX_TOKENS = 6
+TIMEOUT_S = 4.0
+GRACE_S = 1.0
+P_MAX_LEN = 2048
+HOGS = 3
+PARALLEL = {f"par{i}": make_prompt(1500, 100 + i) for i in range(6)}
+LATER = {f"later{i}": make_prompt(300, 200 + i) for i in range(3)}
+PROMPTS = {**PARALLEL, **LATER, "too_long_for_p": make_prompt(P_MAX_LEN + 100, 300),
+           "deadline": make_prompt(600, 301), "aborted": make_prompt(900, 302)}
+P_ARGS = ["--max-num-batched-tokens", "512", "--max-num-seqs", "1", "--max-model-len", str(P_MAX_LEN)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> dict[str, list[int]]:
+    return reference_outputs(tiny_model, PROMPTS, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, reference):
+    ports = {name: free_port() for name in ("P0", "P1", "D")}
+    prefills = [VllmServer(name, tiny_model, kv_transfer_config=prefill_kv_config(stats_port=ports[name]),
+                           cpu_core=1, extra_args=P_ARGS, log_dir=LOG_DIR) for name in ("P0", "P1")]
+    d_config = decode_kv_config(
+        [p.url for p in prefills], remote_threshold_tokens=64, side_channel_port=free_port(),
+        stats_port=ports["D"], prefill_timeout_s=TIMEOUT_S, lease_grace_s=GRACE_S,
+        health_interval_s=1.0, retry_after_s=120.0)
+    decode = VllmServer("D", tiny_model, kv_transfer_config=d_config, cpu_core=0, log_dir=LOG_DIR)
+    servers = [*prefills, decode]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_healthy(300)
+        baseline = {name: stats(port)["free_blocks"] for name, port in ports.items()}
+        yield {"P": prefills, "D": decode, "ports": ports, "baseline": baseline}
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(autouse=True)
+def blocks_back_to_baseline(cluster):
+    yield
+    for name, port in cluster["ports"].items():
+        if name == "P1" and not cluster["P"][1].alive():
+            continue
+        baseline = cluster["baseline"][name]
+        assert wait_free_blocks(port, baseline) == baseline, f"{name} leaked: {stats(port)}"
+
+
+def d_stats(cluster) -> dict:
+    return stats(cluster["ports"]["D"])
+
+
+def hog(url: str, seconds: float) -> None:
+    """Keep a P busy (it runs one request at a time) by decoding until the client gives up.
+
+    One such request decodes for about 3 s here: HOGS of them queue on each P."""
+    try:
+        httpx.post(f"{url}/v1/completions", timeout=seconds, json={
+            "prompt": [5, 6, 7], "max_tokens": P_MAX_LEN - 8, "ignore_eos": True})
+    except httpx.TimeoutException:
+        pass  # the disconnect aborts the request on P
+
+
+def test_two_prefills_share_load(cluster, reference):
+    with ThreadPoolExecutor(len(PARALLEL)) as pool:
+        bodies = dict(zip(PARALLEL, pool.map(
+            lambda p: complete(cluster["D"].url, p, MAX_TOKENS), PARALLEL.values())))
+    for name, body in bodies.items():
+        assert tokens(body) == reference[name], name
+    used = {where(b).get("url") for b in bodies.values() if where(b)["prefill"] == "remote"}
+    assert used == {p.url for p in cluster["P"]}
+
+
+def test_erroring_prefill_falls_back_at_once(cluster, reference):
+    start = time.monotonic()
+    body = complete(cluster["D"].url, PROMPTS["too_long_for_p"], MAX_TOKENS)
+    assert where(body)["prefill"] == "fallback"
+    assert "P answered 400" in where(body)["error"]
+    assert time.monotonic() - start < TIMEOUT_S  # P wrote nothing: no wait for the lease
+    assert tokens(body) == reference["too_long_for_p"]
+
+
+def test_prefill_past_deadline_falls_back_without_hanging(cluster, reference):
+    with ThreadPoolExecutor(2 * HOGS) as pool:
+        for p in cluster["P"] * HOGS:
+            pool.submit(hog, p.url, TIMEOUT_S + GRACE_S + 4)
+        time.sleep(1.0)
+        start = time.monotonic()
+        body = complete(cluster["D"].url, PROMPTS["deadline"], MAX_TOKENS)
+        elapsed = time.monotonic() - start
+    assert where(body)["prefill"] == "fallback"
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + GRACE_S + 8  # bounded: no hang (slack: 2 busy cores)
+    assert tokens(body) == reference["deadline"]
+
+
+def test_client_abort_while_waiting_for_kv_releases_blocks(cluster, reference):
+    before = d_stats(cluster)["aborted_waiting"]
+    with ThreadPoolExecutor(2 * HOGS) as pool:
+        for p in cluster["P"] * HOGS:
+            pool.submit(hog, p.url, 3.0)
+        time.sleep(1.0)
+        with pytest.raises(httpx.TimeoutException):
+            complete(cluster["D"].url, PROMPTS["aborted"], MAX_TOKENS, timeout=1.0)
+    assert d_stats(cluster)["aborted_waiting"] == before + 1
+    # Blocks come back (fixture) once P confirmed or the lease ended; D still serves it right.
+    assert tokens(complete(cluster["D"].url, PROMPTS["aborted"], MAX_TOKENS)) == reference["aborted"]
+
+
+def test_killed_prefill_requests_complete_and_later_ones_avoid_it(cluster, reference):
+    dead = cluster["P"][1]
+    with ThreadPoolExecutor(len(PARALLEL)) as pool:
+        futures = {name: pool.submit(complete, cluster["D"].url, p, MAX_TOKENS)
+                   for name, p in PARALLEL.items()}
+        time.sleep(0.5)
+        dead.kill()
+        bodies = {name: f.result() for name, f in futures.items()}
+    for name, body in bodies.items():
+        assert tokens(body) == reference[name], name
+    time.sleep(1.5)  # one health check interval: D has noticed even if no request failed
+    for name, prompt in LATER.items():
+        body = complete(cluster["D"].url, prompt, MAX_TOKENS)
+        assert where(body).get("url") == cluster["P"][0].url, where(body)
+        assert tokens(body) == reference[name]
+    assert d_stats(cluster)["prefills"][dead.url]["healthy"] is False
