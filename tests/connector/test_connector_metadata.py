@@ -73,3 +73,13 @@ def test_notif_round_trip_and_foreign_messages():
     assert Notif.decode(n.encode()) == n
     assert Notif.decode(b"not json") is None
     assert Notif.decode(b'{"x": 1}') is None
+
+
+def test_stats_render_as_prometheus_text():
+    from pdpush.connector.stats import prometheus_text
+
+    text = prometheus_text({"role": "D", "first_token_mismatch": 2,
+                            "prefills": {"http://p": {"inflight": 1, "healthy": True}}})
+    assert "pdpush_first_token_mismatch 2.0" in text
+    assert 'pdpush_prefill_healthy{url="http://p"} 1.0' in text
+    assert "role" not in text

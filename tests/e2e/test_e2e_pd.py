@@ -105,7 +105,10 @@ def test_client_can_force_local_prefill(cluster, reference):
     assert tokens(body) == reference["multi_chunk"]
 
 
-def test_d_stats_endpoint_answers_json(cluster):
+def test_d_stats_endpoint_answers_json_and_prometheus(cluster):
     resp = httpx.get(f"http://127.0.0.1:{cluster.d_stats}/stats", timeout=5)
     assert resp.json()["role"] == "D"
     assert cluster.prefills[0].url in resp.json()["prefills"]
+    metrics = httpx.get(f"http://127.0.0.1:{cluster.d_stats}/metrics", timeout=5).text
+    assert "pdpush_first_token_mismatch 0.0" in metrics
+    assert f'pdpush_prefill_healthy{{url="{cluster.prefills[0].url}"}} 1.0' in metrics

@@ -19,6 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.metadata import DecodeStepMeta, PrefillStepMeta
+from pdpush.connector.stats import serve_stats
 from pdpush.rpc.json_server import JsonServer
 
 if TYPE_CHECKING:
@@ -140,11 +141,11 @@ class PdpushConnector(KVConnectorBase_V1):
             self.sched.get_block_ids = lambda req_id: kv_cache_manager.get_block_ids(req_id)[0]
         if self.config.stats_port:
             pool = kv_cache_manager.block_pool
-            self.stats_server = JsonServer(self.config.side_channel_host, self.config.stats_port, {
-                "/stats": lambda: {"role": "D" if self.is_decode else "P",
-                                   "free_blocks": pool.get_num_free_blocks(),
-                                   "total_blocks": pool.num_gpu_blocks, **self.sched.stats()},
-            })
+            self.stats_server = serve_stats(
+                self.config.side_channel_host, self.config.stats_port,
+                lambda: {"role": "D" if self.is_decode else "P",
+                         "free_blocks": pool.get_num_free_blocks(),
+                         "total_blocks": pool.num_gpu_blocks, **self.sched.stats()})
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return PdpushMeta(self.sched.build_meta(scheduler_output))

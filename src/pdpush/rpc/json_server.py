@@ -1,4 +1,4 @@
-"""A tiny threaded HTTP server answering GET routes with JSON, and its client call.
+"""A tiny threaded HTTP server answering GET routes with JSON (or text), and its client call.
 
 Used for D's per-rank NIXL metadata side channel and for the connector's live stats (free
 blocks, decisions, fallbacks), which tests and `pdpush demo` read. Stdlib only: it runs inside
@@ -19,7 +19,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # peers 
 
 
 class JsonServer:
-    """Serves `routes` (path -> zero-argument callable returning JSON-able data) on host:port."""
+    """Serves `routes` (path -> zero-argument callable returning JSON-able data or a str)."""
 
     def __init__(self, host: str, port: int, routes: Routes) -> None:
         handler = _handler_for(routes)
@@ -52,9 +52,10 @@ def _handler_for(routes: Routes) -> type[BaseHTTPRequestHandler]:
                 self._send(500, {"error": repr(exc)})
 
         def _send(self, status: int, payload: Any) -> None:
-            body = json.dumps(payload).encode()
+            text = isinstance(payload, str)  # e.g. Prometheus exposition text
+            body = payload.encode() if text else json.dumps(payload).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain; version=0.0.4" if text else "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
