@@ -21,16 +21,16 @@ export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 python3 -m pdpush.cli bench-gpu --out "$out" "$@" 2>&1 | grep -v "NIXL INFO" | tee "$out/suite.log"
 rc=${PIPESTATUS[0]}
 # What made the difference: the bandwidth and pipeline phases again under each posting setting
-# (NIXL UCX thread pool, split batch, transfer threads); SWEEP=0 skips it.
+# (layer batching, NIXL UCX thread pool and its split batch, transfer threads); SWEEP=0 skips it.
 if [ "${SWEEP:-1}" = 1 ]; then
   : > "$out/variants.md"
-  for v in "default:" \
-           "ucx4:--ucx-threads 4" \
+  for v in "plain:--no-batch" \
+           "batch:" \
+           "ucx4-b8-nobatch:--ucx-threads 4 --ucx-param split_batch_size=8 --no-batch" \
            "ucx4-b8:--ucx-threads 4 --ucx-param split_batch_size=8" \
            "ucx4-b4:--ucx-threads 4 --ucx-param split_batch_size=4" \
            "ucx8-b8:--ucx-threads 8 --ucx-param split_batch_size=8" \
-           "ucx4-b8-post2:--ucx-threads 4 --ucx-param split_batch_size=8 --post-threads 2" \
-           "ucx4-b8-post4:--ucx-threads 4 --ucx-param split_batch_size=8 --post-threads 4"; do
+           "ucx4-b8-post2:--ucx-threads 4 --ucx-param split_batch_size=8 --post-threads 2"; do
     name=${v%%:*}
     # shellcheck disable=SC2086  # the flags are meant to split
     python3 -m pdpush.cli -q bench-gpu --out "/tmp/sweep/$name" --phases bandwidth,pipeline \

@@ -32,34 +32,65 @@ class SlowKernel:
 
     def event(self):
         """A recorded CUDA event: synchronize() returns once the kernel completed."""
-        return SimpleNamespace(synchronize=lambda: self.finished.wait(5))
+        return SimpleNamespace(synchronize=lambda: self.finished.wait(5),
+                               query=self.finished.is_set)
 
     def join(self):
         self._thread.join()
 
 
-def push_layers(use_event: bool, layers: int = 4, threads: int = 1) -> list[list[int]]:
+def push_layers(use_event: bool, layers: int = 4, threads: int = 1,
+                combine=None) -> list[list[int]]:
     """Each layer: a slow write to its buffer, then a "WRITE" that snapshots the buffer."""
     bufs = [[0] * 8 for _ in range(layers)]
-    poster = OrderedPoster(lambda job: (job.layer, list(bufs[job.layer])), threads=threads)
+
+    def post(job):
+        return (job.layer, [list(bufs[layer]) for layer in job.runs])
+
+    poster = OrderedPoster(post, threads=threads, combine=combine)
     kernels = []
     for layer in range(layers):
         kernel = SlowKernel(bufs[layer], value=layer + 1, delay_s=0.05)
         kernels.append(kernel)
-        poster.submit(kernel.event() if use_event else None, LayerJob(layer, []))
+        poster.submit(kernel.event() if use_event else None, LayerJob(layer, [layer]))
     sent = poster.drain(timeout_s=10)
     poster.close()
     for kernel in kernels:
         kernel.join()
-    assert [layer for layer, _ in sent] == list(range(layers))  # returned in submit order
-    return [snapshot for _, snapshot in sent]
+    assert len(sent) == layers
+    # each layer's slot holds the WRITE that carried it; its snapshot of that layer's buffer
+    return [dict(zip(runs_of(sent[i]), snaps))[i] for i, (_, snaps) in enumerate(sent)]
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_event_rule_never_sends_stale_data(threads):
+def runs_of(result):
+    first_layer, snaps = result
+    return range(first_layer, first_layer + len(snaps))
+
+
+@pytest.mark.parametrize("threads,combine", [(1, None), (3, None), (1, LayerJob.merge)])
+def test_event_rule_never_sends_stale_data(threads, combine):
     for _ in range(5):
-        for layer, snapshot in enumerate(push_layers(use_event=True, threads=threads)):
+        sent = push_layers(use_event=True, threads=threads, combine=combine)
+        for layer, snapshot in enumerate(sent):
             assert snapshot == [layer + 1] * 8
+
+
+def test_ready_jobs_are_merged_and_unready_ones_wait():
+    posted = []
+    poster = OrderedPoster(lambda job: posted.append(job) or job, combine=LayerJob.merge)
+    gate, later = threading.Event(), threading.Event()
+    poster.submit(SimpleNamespace(synchronize=gate.wait, query=gate.is_set), LayerJob(0, ["a"]))
+    poster.submit(None, LayerJob(1, ["b"]))
+    poster.submit(None, LayerJob(2, ["c"]))
+    poster.submit(SimpleNamespace(synchronize=later.wait, query=later.is_set), LayerJob(3, ["d"]))
+    poster.submit(None, LayerJob(4, ["e"]))
+    gate.set()
+    time.sleep(0.1)
+    later.set()
+    results = poster.drain(timeout_s=5)
+    poster.close()
+    assert [(j.layer, j.layers) for j in posted] == [(0, 3), (3, 2)]
+    assert results[0] is results[1] is results[2] and results[3] is results[4]
 
 
 def test_without_event_rule_stale_data_is_caught():

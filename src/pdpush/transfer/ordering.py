@@ -38,6 +38,8 @@ ORDERING_NONE = 0
 ORDERING_OWNER = 100
 ORDERING_ALL_DEVICES = 200
 
+_NOTHING = object()  # "no item carried over" (None is the stop sentinel)
+
 J = TypeVar("J")
 R = TypeVar("R")
 
@@ -46,6 +48,7 @@ class Event(Protocol):
     """What the poster needs from a CUDA event (torch.cuda.Event fits)."""
 
     def synchronize(self) -> None: ...
+    def query(self) -> bool: ...
 
 
 class CudaRuntime(Protocol):
@@ -66,6 +69,13 @@ class LayerJob:
 
     layer: int
     runs: list
+    layers: int = 1  # how many layers a merged job carries
+
+    @staticmethod
+    def merge(jobs: list[LayerJob]) -> LayerJob:
+        """One job for several ready layers: one WRITE instead of one per layer."""
+        runs = [r for job in jobs for r in job.runs]
+        return LayerJob(jobs[0].layer, runs, sum(job.layers for job in jobs))
 
 
 class OrderedPoster(Generic[J, R]):
@@ -75,12 +85,21 @@ class OrderedPoster(Generic[J, R]):
     jobs may be posted at once (NIXL releases the GIL while posting), still each only after its
     own event. `drain` returns results in submit order and re-raises the first exception.
     An event of None means "already complete" (CPU, or data written earlier).
+
+    `combine` (e.g. `LayerJob.merge`): when jobs queue up behind a post because layers finish
+    faster than WRITEs are posted, a thread takes every queued job whose event already fired
+    (up to `max_batch`) and posts them as one; each merged job's result slot gets that one
+    result. Layers that arrive slower than posting are still posted one by one, so batching adds
+    no latency; it only removes the per-WRITE overhead once posting is the bottleneck.
     """
 
-    def __init__(self, post: Callable[[J], R], name: str = "pdpush-post", threads: int = 1):
-        if threads < 1:
-            raise ValueError("a poster needs at least one thread")
+    def __init__(self, post: Callable[[J], R], name: str = "pdpush-post", threads: int = 1,
+                 combine: Callable[[list[J]], J] | None = None, max_batch: int = 16):
+        if threads < 1 or max_batch < 1:
+            raise ValueError("a poster needs at least one thread and a batch of at least one")
         self._post = post
+        self._combine = combine
+        self._max_batch = max_batch if combine else 1
         self._jobs: queue.Queue[tuple[int, Event | None, J] | None] = queue.Queue()
         self._results: dict[int, R] = {}
         self._error: BaseException | None = None
@@ -126,22 +145,41 @@ class OrderedPoster(Generic[J, R]):
                 t.join()
 
     def _loop(self) -> None:
-        while (item := self._jobs.get()) is not None:
+        carried: Any = _NOTHING
+        while (item := self._jobs.get() if carried is _NOTHING else carried) is not None:
+            carried = _NOTHING
             seq, event, job = item
+            seqs, jobs = [seq], [job]
             try:
                 if event is not None:
                     event.synchronize()  # this thread waits; the compute stream does not
-                result = self._post(job)
+                carried = self._take_ready(seqs, jobs)
+                result = self._post(self._combine(jobs) if len(jobs) > 1 else job)
             except BaseException as exc:  # reported to the caller through drain()
                 with self._cv:
                     self._error = self._error or exc
-                    self._finished += 1
+                    self._finished += len(seqs)
                     self._cv.notify_all()
                 continue
             with self._cv:
-                self._results[seq] = result
-                self._finished += 1
+                for k in seqs:
+                    self._results[k] = result
+                self._finished += len(seqs)
                 self._cv.notify_all()
+
+    def _take_ready(self, seqs: list[int], jobs: list) -> Any:
+        """Add queued jobs whose events already fired; return the first item taken but not
+        ready (a job, or the stop sentinel None) for the caller to handle next, else _NOTHING."""
+        while len(jobs) < self._max_batch:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return _NOTHING
+            if item is None or (item[1] is not None and not item[1].query()):
+                return item
+            seqs.append(item[0])
+            jobs.append(item[2])
+        return _NOTHING
 
 
 class ReceiveFence:

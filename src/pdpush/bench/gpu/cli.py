@@ -42,6 +42,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="NIXL UCX thread pool posting each WRITE's descriptors (default 0)")
     parser.add_argument("--post-threads", type=int, default=1,
                         help="P's transfer threads posting layer WRITEs (default 1)")
+    parser.add_argument("--no-batch", action="store_true",
+                        help="post every layer as its own WRITE even when several are ready")
     parser.add_argument("--ucx-param", action="append", default=[], metavar="KEY=VALUE",
                         help="extra NIXL UCX backend init parameter (repeatable), "
                              "e.g. split_batch_size=16 or num_workers=2")
@@ -76,7 +78,7 @@ def build_config(args: argparse.Namespace):
     if bad or args.ucx_threads < 0 or args.layer_ms < 0 or args.post_threads < 1:
         raise ValueError(f"--ucx-param needs KEY=VALUE (got {bad}); --ucx-threads and "
                          "--layer-ms must not be negative, --post-threads at least 1")
-    cfg.post_threads = args.post_threads
+    cfg.post_threads, cfg.batch_layers = args.post_threads, not args.no_batch
     cfg.layer_ms, cfg.ucx_threads, cfg.ucx_params = args.layer_ms, args.ucx_threads, args.ucx_param
     return cfg
 

@@ -2,7 +2,10 @@
 posting overhead, ordering counts), the seed-style DecodeLatency table, and the slowdown plot.
 
 Bandwidth modes (all move the same bytes of one 2000-token prompt, fragmented block tables):
-  layerwise         one WRITE per layer, coalesced runs, all layers in flight (what P does)
+  layerwise         the layers through P's transfer thread, as `push` posts them: coalesced
+                    runs, one WRITE per layer, except that layers already ready when the
+                    thread gets to them go out as one WRITE (all are ready here: the upper bound)
+  layerwise_each    one WRITE per layer, all layers in flight, posted from one thread
   layerwise_serial  the same, but each layer waits for the previous one (no concurrency)
   merged            one WRITE carrying every layer's coalesced runs
   contiguous        one WRITE per layer of the same bytes as a single run (no fragmentation)
@@ -18,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-MODES = ("layerwise", "layerwise_serial", "merged", "contiguous", "uncoalesced")
+MODES = ("layerwise", "layerwise_each", "layerwise_serial", "merged", "contiguous", "uncoalesced")
 
 
 def _gbps(nbytes: int, runs: list[dict]) -> float:
@@ -31,6 +34,8 @@ def bandwidth_summary(bw: dict, blocks: int) -> dict:
     out["torch_indexed_gbps"] = bw["bytes"] / statistics.median(bw["torch_copy"]["indexed"]) / 1e9
     out["torch_flat_gbps"] = bw["bytes"] / statistics.median(bw["torch_copy"]["flat"]) / 1e9
     out["layerwise_over_merged"] = out["layerwise_gbps"] / out["merged_gbps"]
+    out["layerwise_each_over_merged"] = out["layerwise_each_gbps"] / out["merged_gbps"]
+    out["layerwise_writes"] = statistics.fmean(r["writes"] for r in bw["layerwise"])
     out["layerwise_over_contiguous"] = out["layerwise_gbps"] / out["contiguous_gbps"]
     out["post_us_per_layer"] = statistics.fmean(r["post_us_mean"] for r in bw["layerwise"])
     out["post_us_per_layer_uncoalesced"] = statistics.fmean(

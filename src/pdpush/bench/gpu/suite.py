@@ -50,6 +50,7 @@ class SuiteConfig:
     pipeline_trials: int = 3
     ucx_threads: int = 0
     post_threads: int = 1
+    batch_layers: bool = True
     ucx_params: list[str] = field(default_factory=list)  # KEY=VALUE UCX backend init params
 
     def engine_config(self) -> EngineConfig:
@@ -70,13 +71,14 @@ class Proc:
     """One worker process (P or D) and its command pipe."""
 
     def __init__(self, ctx: Any, role: str, gpu: int | None, engine_config: EngineConfig,
-                 post_threads: int = 1):
+                 post_threads: int = 1, batch_layers: bool = True):
         from pdpush.bench.gpu.workers import worker_main
 
         self.role = role
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=worker_main,
-                                args=(role, child, gpu, engine_config, post_threads), daemon=True)
+                                args=(role, child, gpu, engine_config, post_threads,
+                                      batch_layers), daemon=True)
         self.proc.start()
         child.close()
 
@@ -123,7 +125,8 @@ class Suite:
         ctx = mp.get_context("spawn")
         engine = self.cfg.engine_config()
         self.d = Proc(ctx, "D", self.cfg.gpu("D"), engine)
-        self.p = Proc(ctx, "P", self.cfg.gpu("P"), engine, self.cfg.post_threads)
+        self.p = Proc(ctx, "P", self.cfg.gpu("P"), engine, self.cfg.post_threads,
+                      self.cfg.batch_layers)
         t0 = time.time()
         try:
             for name in self.cfg.shapes:

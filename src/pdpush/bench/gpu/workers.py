@@ -28,11 +28,11 @@ log = logging.getLogger("pdpush.bench.gpu")
 
 
 def worker_main(role: str, conn: Any, gpu: int | None, engine_config: EngineConfig,
-                post_threads: int = 1) -> None:
+                post_threads: int = 1, batch_layers: bool = True) -> None:
     """Process entry: serve (command, kwargs) messages until None; reply ("ok"|"err", value)."""
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} %(message)s")
     if role == "P":
-        side: Side = PushSide(conn, gpu, engine_config, post_threads)
+        side: Side = PushSide(conn, gpu, engine_config, post_threads, batch_layers)
     else:
         side = ReceiveSide(conn, gpu, engine_config)
     try:
@@ -52,6 +52,11 @@ def _next_message(conn: Any, engine: TransferEngine) -> Any:
     while not conn.poll(0.0005):
         engine.progress()
     return conn.recv()
+
+
+def _unique(posted: list) -> list:
+    """One entry per WRITE: the poster repeats a merged WRITE's result for each layer in it."""
+    return list({id(x): (x, t) for x, t in posted}.values())
 
 
 class Side:
@@ -97,11 +102,12 @@ class PushSide(Side):
     role = "P"
 
     def __init__(self, conn: Any, gpu: int | None, engine_config: EngineConfig,
-                 post_threads: int):
+                 post_threads: int, batch_layers: bool):
         super().__init__(conn, gpu, engine_config)
         self.peer: str | None = None
         self.remote = self.place
-        self.poster: OrderedPoster = OrderedPoster(self._post, threads=post_threads)
+        self.poster: OrderedPoster = OrderedPoster(
+            self._post, threads=post_threads, combine=LayerJob.merge if batch_layers else None)
 
     def cmd_connect(self, metadata: bytes, remote_gpu: int | None) -> str:
         """Load D's agent metadata (again after D registered new memory)."""
@@ -147,7 +153,7 @@ class PushSide(Side):
             runs.append(plan.layer(layer))  # what save_kv_layer computes on the forward path
             runs_s += time.perf_counter() - r0
             self.poster.submit(event, LayerJob(layer, runs[layer]))
-        posted = self.poster.drain(timeout_s=60)
+        posted = _unique(self.poster.drain(timeout_s=60))
         xfers = [x for x, _ in posted]
         self.engine.wait(xfers, timeout_s=60)
         seconds = time.perf_counter() - t0
@@ -188,6 +194,7 @@ class PushSide(Side):
             [rr for lay in self._runs(d_layouts, list(range(n)), list(range(n))) for rr in lay])]
         modes = {
             "layerwise": (lambda: self._timed_poster(runs), iters),
+            "layerwise_each": (lambda: self._timed_writes(runs), iters),
             "layerwise_serial": (lambda: self._timed_writes(runs, serial=True), iters),
             "merged": (lambda: self._timed_writes([[r for lay in runs for r in lay]]), iters),
             "contiguous": (lambda: self._timed_writes(contiguous), iters),
@@ -214,7 +221,7 @@ class PushSide(Side):
         t0 = time.perf_counter()
         for layer, layer_runs in enumerate(runs):
             self.poster.submit(None, LayerJob(layer, layer_runs))
-        posted = self.poster.drain(timeout_s=60)
+        posted = _unique(self.poster.drain(timeout_s=60))
         self.engine.wait([x for x, _ in posted])
         seconds = time.perf_counter() - t0
         for x, _ in posted:
