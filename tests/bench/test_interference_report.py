@@ -66,11 +66,12 @@ def test_report_uses_the_first_qps0_as_baseline_and_shows_the_repeat_as_noise_fl
     assert report["relative"]["qps0#2"]["max"] == pytest.approx(-0.001)
     rx = report["rounds"][1]["rx"]
     assert rx["bytes"] == 19 * 1000 and rx["sources"] == ["engine"]
+    assert rx["measured_bytes"] == 6 * 1000  # contexts 15..20
     assert rx["mean_bps"] == pytest.approx(19000 / 0.18)
     text = markdown(report)
     assert "| DecodeLatency | qps1 | qps0#2 |" in text
     assert "| avg | +0.0200000 | -0.0010000 |" in text
-    assert "| 3 | remote 3 | 19,000 |" in text
+    assert "| 3 | remote 3 | 19,000 | 6,000 |" in text
     assert json.loads(json.dumps(report)) == report  # JSON-able as is
 
 

@@ -58,7 +58,7 @@ class RemoteIfLong(KVConnectorBase_V1):
         pass
 
 
-def make_scheduler(cls, hold: int = 2, **caps):
+def make_scheduler(cls, hold: int = 2, gather_s: float = 0.0, **caps):
     caps = {"max_num_seqs": 8, "max_num_batched_tokens": 512, **caps}
     config = VllmConfig(
         model_config=ModelConfig(model=str(ensure_tiny_model()), max_model_len=512),
@@ -66,7 +66,7 @@ def make_scheduler(cls, hold: int = 2, **caps):
         cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=False),
         kv_transfer_config=KVTransferConfig(kv_connector="RemoteIfLong", kv_role="kv_consumer",
                                             kv_connector_module_path=__name__),
-        additional_config={"pdpush_hold_running": hold},
+        additional_config={"pdpush_hold_running": hold, "pdpush_gather_s": gather_s},
     )  # fmt: skip
     config.cache_config.num_gpu_blocks = 200
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=64, dtype=torch.float32)
@@ -128,6 +128,21 @@ def test_control_capping_the_batch_with_a_vllm_setting_never_asks_the_connector(
     batches = [step(sched) for _ in range(4)]
     assert "R" not in asked  # no do_prefill would ever go out: the waiting loop stops first
     assert all(b == ["bg0", "bg1"] for b in batches)
+
+
+def test_the_background_batch_starts_together():
+    sched = make_scheduler(HoldScheduler, hold=3, gather_s=60.0)
+    add(sched, "bg0", 1, 50)
+    assert [step(sched) for _ in range(3)] == [[], [], []]  # one of three: wait for the others
+    add(sched, "bg1", 1, 50)
+    add(sched, "bg2", 1, 50)
+    assert step(sched) == ["bg0", "bg1", "bg2"]
+
+
+def test_gathering_gives_up_after_gather_s():
+    sched = make_scheduler(HoldScheduler, hold=3, gather_s=0.0)
+    add(sched, "bg0", 1, 50)
+    assert step(sched) == ["bg0"]
 
 
 def test_hold_needs_a_batch_size_below_the_caps():

@@ -100,7 +100,9 @@ def one_p_one_d(args: argparse.Namespace, probe_log: Path) -> Iterator[str]:
                          log_dir=logs, max_model_len=max_len,
                          extra_args=["--max-num-batched-tokens", str(args.prefill_batched_tokens)])  # fmt: skip
     probe = {"probe_log": str(probe_log), "probe_ab_steps": args.probe_ab_steps}
+    # The protocol sends every long prompt to P: no "P busy" fallback to a local prefill on D.
     d_config = decode_kv_config([prefill.url], remote_threshold_tokens=min(256, args.prompt_len),
+                                max_inflight_per_prefill=10**6, max_prefill_queue=10**6,
                                 side_channel_port=free_port(), **probe)  # fmt: skip
     decode = VllmServer(
         "decode", model, kv_transfer_config=d_config, cpu_core=0, log_dir=logs, max_model_len=max_len,
@@ -129,8 +131,10 @@ async def warm_up(api: Completions, spec: RoundSpec, timeout_s: float = 60.0) ->
     deadline, where, attempt = time.monotonic() + timeout_s, "", 0
     while time.monotonic() < deadline:
         attempt += 1
-        where = await api.complete(random_prompt(random.Random(-attempt), spec.prompt_len), 2)
+        prompt = random_prompt(random.Random(f"warm-up {attempt}"), spec.prompt_len)
+        where = await api.complete(prompt, 2)
         if where == "remote":
+            await api.complete([65], 2)  # a step that books the warm-up's RX before round one
             return
         await asyncio.sleep(2.0)
     raise RuntimeError(f"D never prefilled a {spec.prompt_len}-token prompt on P (last: {where})")

@@ -60,14 +60,15 @@ class Completions:
         self.model = model
 
     async def complete(self, prompt: list[int], max_tokens: int) -> str:
-        """Where D says the prompt was prefilled: remote, local, fallback (or unknown)."""
+        """Where D says the prompt was prefilled: remote, local (why), fallback, or unknown."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "ignore_eos": True, "temperature": 0.0}  # fmt: skip
         resp = await self.client.post("/v1/completions", json=body)
         if resp.status_code != 200:
             raise RuntimeError(f"D answered {resp.status_code}: {resp.text[:200]}")
-        params = resp.json().get("kv_transfer_params") or {}
-        return str((params.get("pdpush") or {}).get("prefill", "unknown"))
+        where = (resp.json().get("kv_transfer_params") or {}).get("pdpush") or {}
+        reason = where.get("reason")
+        return str(where.get("prefill", "unknown")) + (f" ({reason})" if reason else "")
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -83,7 +84,7 @@ class LoadGenerator:
 
     def __init__(self, api: Completions, spec: RoundSpec, qps: float, seed: int) -> None:
         self.api, self.spec, self.qps = api, spec, qps
-        self.rng = random.Random(seed)
+        self.rng = random.Random(f"load {seed}")  # never the warm-up's prompts: no prefix hits
         self.tasks: list[asyncio.Task[str]] = []
 
     async def run(self, stop: asyncio.Event) -> None:

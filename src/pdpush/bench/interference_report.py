@@ -67,13 +67,13 @@ def is_background_only(step: Step, proto: Protocol) -> bool:
     return step["num_reqs"] == proto.batch and step["num_tokens"] == proto.batch
 
 
+def in_range(step: Step, proto: Protocol) -> bool:
+    return step["ctx_min"] >= proto.measure_from and step["ctx_max"] <= proto.measure_to
+
+
 def decode_latency(steps: list[Step], proto: Protocol, mode: str = "full") -> LatencyStats | None:
     """Step latency over the measured contexts, over steps the probe ran fully (`mode`)."""
-    ranged = [
-        s for s in steps
-        if s["mode"] == mode and s["num_reqs"]
-        and s["ctx_min"] >= proto.measure_from and s["ctx_max"] <= proto.measure_to
-    ]  # fmt: skip
+    ranged = [s for s in steps if s["mode"] == mode and s["num_reqs"] and in_range(s, proto)]
     values = [s["latency_ms"] for s in ranged if is_background_only(s, proto)]
     if not values:
         return None
@@ -91,13 +91,16 @@ def relative(stats: LatencyStats, base: LatencyStats) -> dict[str, float]:
     }
 
 
-def rx_summary(steps: list[Step], rnd: Round) -> dict[str, Any]:
-    """Bytes received over the round, its mean rate and the RX source(s) the probe named."""
+def rx_summary(steps: list[Step], rnd: Round, proto: Protocol) -> dict[str, Any]:
+    """Bytes received over the round, its mean rate, the bytes that arrived during the measured
+    contexts (the traffic that could interfere) and the RX source(s) the probe named."""
     with_rx = [s for s in steps if s.get("rx_bytes") is not None]
     total = sum(s["rx_bytes"] for s in with_rx)
+    measured = sum(s["rx_bytes"] for s in with_rx if s["num_reqs"] and in_range(s, proto))
     seconds = rnd.t_end - rnd.t_start
     sources = sorted({s["rx_source"] for s in with_rx if s.get("rx_source")})
-    return {"bytes": total, "mean_bps": total / seconds if seconds > 0 else 0.0, "sources": sources}
+    return {"bytes": total, "mean_bps": total / seconds if seconds > 0 else 0.0,
+            "measured_bytes": measured, "sources": sources}  # fmt: skip
 
 
 def _runs(steps: list[Step]) -> list[tuple[str, list[Step]]]:
@@ -151,7 +154,7 @@ def build_report(steps: list[Step], rounds: list[Round], proto: Protocol, meta: 
         stats = decode_latency(in_rnd, proto)
         stats_by_label[rnd.label] = stats
         per_round.append({
-            **asdict(rnd), "steps": len(in_rnd), "rx": rx_summary(in_rnd, rnd),
+            **asdict(rnd), "steps": len(in_rnd), "rx": rx_summary(in_rnd, rnd, proto),
             "decode_latency": asdict(stats) if stats else None,
         })  # fmt: skip
     base = next((r for r in rounds if r.qps == 0 and stats_by_label[r.label]), None)
@@ -181,7 +184,8 @@ def _round_rows(report: dict[str, Any]) -> list[str]:
         times = " | ".join(f"{d[k]:.3f}" for k in ("min_ms", "max_ms", "avg_ms", "median_ms")) if d else "n/a | n/a | n/a | n/a"
         rows.append(
             f"| {r['label']} | {r['qps']:g} | {d['steps'] if d else 0} | {d['excluded'] if d else 0} | {times} "
-            f"| {r['sent']} | {_counts(r['prefilled'])} | {rx['bytes']:,} | {rx['mean_bps'] / 1e6:.2f} "
+            f"| {r['sent']} | {_counts(r['prefilled'])} | {rx['bytes']:,} | {rx['measured_bytes']:,} "
+            f"| {rx['mean_bps'] / 1e6:.2f} "
             f"| {', '.join(rx['sources']) or '-'} |"
         )  # fmt: skip
     return rows
@@ -221,8 +225,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "", "## Rounds", "",
         "| round | QPS | steps | excluded | min ms | max ms | avg ms | median ms "
-        "| load sent | load prefilled | RX bytes | RX MB/s | RX source |",
-        "|---" * 13 + "|", *_round_rows(report), "", "## Probe cost (A/B windows, QPS-0 rounds)", "",
+        "| load sent | load prefilled | RX bytes | RX bytes in measured steps | RX MB/s | RX source |",
+        "|---" * 14 + "|", *_round_rows(report), "", "## Probe cost (A/B windows, QPS-0 rounds)", "",
         *_cost_lines(report["probe_cost"]), "",
     ]  # fmt: skip
     meta = report.get("meta") or {}

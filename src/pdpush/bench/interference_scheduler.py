@@ -11,20 +11,27 @@ look) and the cap moves to the one point where a request with its KV already rec
 the batch: while B or more requests run, such a request stays parked in WAITING_FOR_REMOTE_KVS and
 costs the worker nothing. When the background batch finishes, the parked requests run.
 
+It also starts the background batch together, as the seed did by adding its B requests at once:
+while nothing runs and fewer than B requests wait, none is admitted (for at most
+`pdpush_gather_s`, default 5 s). A CPU-starved API server otherwise hands them over one by one
+and the batch never runs at full size.
+
 Settings on D: `--scheduler-cls pdpush.bench.interference_scheduler.HoldScheduler
---additional-config '{"pdpush_hold_running": B}'`, with max_num_seqs > B and
+--additional-config '{"pdpush_hold_running": B}'` (optionally "pdpush_gather_s"), with max_num_seqs > B and
 max_num_batched_tokens > B. A request the policy keeps local still joins (the probe shows it as
 a step with more than B requests; the report leaves such steps out and counts them).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 HOLD_KEY = "pdpush_hold_running"
+GATHER_KEY = "pdpush_gather_s"
 
 
 class HoldScheduler(Scheduler):
@@ -32,14 +39,38 @@ class HoldScheduler(Scheduler):
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        hold = (vllm_config.additional_config or {}).get(HOLD_KEY)
+        extra = vllm_config.additional_config or {}
+        hold, gather_s = extra.get(HOLD_KEY), extra.get(GATHER_KEY, 5.0)
         if not isinstance(hold, int) or hold < 1:
             raise ValueError(f"HoldScheduler needs --additional-config '{{\"{HOLD_KEY}\": B}}', B >= 1")
         for name, cap in (("max_num_seqs", self.max_num_active_reqs),
                           ("max_num_batched_tokens", self.max_num_scheduled_tokens)):  # fmt: skip
             if hold >= cap:
                 raise ValueError(f"{HOLD_KEY}={hold} must be below {name} ({cap})")
+        if not isinstance(gather_s, (int, float)) or gather_s < 0:
+            raise ValueError(f"{GATHER_KEY} must be a number of seconds >= 0, got {gather_s!r}")
         self.hold_running = hold
+        self.gather_s = float(gather_s)
+        self._gather_since: float | None = None
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._gathering():
+            return super().schedule(*args, **kwargs)
+        cap, self.max_num_active_reqs = self.max_num_active_reqs, 0  # admit nobody this step
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_active_reqs = cap
+
+    def _gathering(self) -> bool:
+        """Idle with fewer than B requests waiting, for less than gather_s so far."""
+        if self.running or not 0 < len(self.waiting) < self.hold_running:
+            self._gather_since = None
+            return False
+        now = time.monotonic()
+        if self._gather_since is None:
+            self._gather_since = now
+        return now - self._gather_since < self.gather_s
 
     def _handle_blocked_waiting_request(self, request: Any) -> bool:
         if (
