@@ -37,7 +37,9 @@ def bandwidth_summary(bw: dict, blocks: int) -> dict:
     out["layerwise_each_over_merged"] = out["layerwise_each_gbps"] / out["merged_gbps"]
     out["layerwise_writes"] = statistics.fmean(r["writes"] for r in bw["layerwise"])
     out["layerwise_over_contiguous"] = out["layerwise_gbps"] / out["contiguous_gbps"]
-    out["post_us_per_layer"] = statistics.fmean(r["post_us_mean"] for r in bw["layerwise"])
+    out["post_us_per_write"] = statistics.fmean(r["post_us_mean"] for r in bw["layerwise"])
+    out["post_us_per_layer_each"] = statistics.fmean(
+        r["post_us_mean"] for r in bw["layerwise_each"])
     out["post_us_per_layer_uncoalesced"] = statistics.fmean(
         r["post_us_mean"] for r in bw["uncoalesced"])
     out["descriptors_per_layer"] = statistics.fmean(bw["descriptors_per_layer"])
@@ -57,8 +59,9 @@ def shape_summary(name: str, res: dict) -> dict:
             "checked_bytes": sum(p["check"]["checked_bytes"] for p in pushes),
             "push_gbps_with_compute": statistics.median(
                 p["push"]["bytes"] / p["push"]["seconds"] / 1e9 for p in pushes),
-            "post_us_per_layer": statistics.fmean(
+            "post_us_per_write": statistics.fmean(
                 statistics.fmean(p["push"]["post_us"]) for p in pushes),
+            "writes_per_push": statistics.fmean(p["push"]["writes"] for p in pushes),
             "byte_runs_us_per_layer": statistics.fmean(p["push"]["runs_us"] for p in pushes),
         }
     if "ordering" in res:
@@ -72,7 +75,8 @@ def shape_summary(name: str, res: dict) -> dict:
             "compute_ms": statistics.median(r["compute_s"] for r in pipe) * 1e3,
             "push_ms": statistics.median(r["push_s"] for r in pipe) * 1e3,
             "exposed_ms": statistics.median(r["push_s"] - r["compute_s"] for r in pipe) * 1e3,
-            "post_us_per_layer": statistics.fmean(statistics.fmean(r["post_us"]) for r in pipe),
+            "post_us_per_write": statistics.fmean(statistics.fmean(r["post_us"]) for r in pipe),
+            "writes_per_push": statistics.fmean(len(r["post_us"]) for r in pipe),
             "bad_blocks": sum(r["bad_blocks"] for r in pipe)}
     if "bandwidth" in res:
         out["bandwidth"] = bandwidth_summary(res["bandwidth"], SHAPES[name].prompt_blocks())

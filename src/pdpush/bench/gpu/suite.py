@@ -221,6 +221,8 @@ class Suite:
         log.info("interference: building the decode workload (batch %d)", cfg.batch)
         model = self.d.call("decode_setup", batch=cfg.batch, ctx_lo=cfg.ctx_lo, ctx_hi=cfg.ctx_hi)
         rates = [0.0, 1.0, 2.0, 3.0, *self._ladder(shape), float("inf")]
+        # one window thrown away: the first one ran ~5% slow in every run (clocks, caches)
+        self.d.call("decode_window", steps=cfg.steps, warmup=cfg.warmup)
         runs = []
         for rep in range(cfg.reps):
             for qps in rates:

@@ -161,7 +161,7 @@ class PushSide(Side):
         for x in xfers:
             self.engine.release(x)
         self._sync()
-        return {"seconds": seconds, "post_us": [p * 1e6 for _, p in posted],
+        return {"seconds": seconds, "post_us": [p * 1e6 for _, p in posted], "writes": len(posted),
                 "runs_us": runs_s * 1e6 / shape.layers,
                 "descriptors": sum(len(r) for r in runs),
                 "bytes": n * shape.layers * shape.page_bytes}
