@@ -7,7 +7,7 @@ it to an `OrderedPoster`; its transfer thread waits on that event (never on the 
 and only then posts the WRITE. Compute runs on; posting overlaps it.
 
     poster = OrderedPoster(lambda job: engine.write(peer, job.runs, local=..., remote=...),
-                           threads=1)                   # >1: post several layers at once
+                           combine=LayerJob.merge)      # layers already ready: one WRITE
     ev = torch.cuda.Event(); ev.record()              # after layer l's KV write, compute stream
     poster.submit(ev, LayerJob(l, runs))              # event None where there is no GPU (CPU)
     transfers = poster.drain(timeout_s=30)            # the posted Transfers, in submit order
