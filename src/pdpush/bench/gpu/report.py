@@ -10,8 +10,9 @@ Bandwidth modes (all move the same bytes of one 2000-token prompt, fragmented bl
   merged            one WRITE carrying every layer's coalesced runs
   contiguous        one WRITE per layer of the same bytes as a single run (no fragmentation)
   uncoalesced       one WRITE per layer, one descriptor per block (no coalescing)
-  torch indexed     torch index_select/index_copy of the same blocks inside P, per layer
-  torch flat        torch copy of the same number of bytes, one flat buffer
+  torch indexed     torch index_select/index_copy of the same blocks from P's cache into a
+                    D-shaped cache on D's GPU (a peer copy over NVLink when the GPUs differ)
+  torch flat        torch copy of the same number of bytes, one flat buffer, P's GPU to D's
 """
 
 from __future__ import annotations

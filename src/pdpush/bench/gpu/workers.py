@@ -71,6 +71,7 @@ class Side:
         else:
             torch.cuda.set_device(gpu)
             self.device, self.place = torch.device("cuda", gpu), VRAM(gpu)
+        self.remote_device = self.device  # P: D's device once connected (for torch peer copies)
         self.engine = TransferEngine(f"pdpush-bench-{self.role}", engine_config)
         self.caches: KVCaches | None = None
         self._reg = None
@@ -93,6 +94,8 @@ class Side:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            if self.remote_device != self.device:
+                torch.cuda.synchronize(self.remote_device)
 
     def close(self) -> None:
         self.engine.close()
@@ -115,6 +118,7 @@ class PushSide(Side):
             self.engine.remove_peer(self.peer)
         self.peer = self.engine.add_peer(metadata)
         self.remote = DRAM if remote_gpu is None else VRAM(remote_gpu)
+        self.remote_device = self.device if remote_gpu is None else torch.device("cuda", remote_gpu)
         return self.peer
 
     def _post(self, job: LayerJob) -> tuple[Any, float]:
@@ -247,18 +251,19 @@ class PushSide(Side):
 
     def _torch_copy(self, d_blocks: int, src_ids: list[int], dst_ids: list[int],
                     iters: int) -> dict:
-        """The same blocks copied by torch inside P (indexed per layer), and a flat copy."""
-        caches = self.caches
-        local = KVCaches(caches.shape, d_blocks, self.device)
+        """The same blocks copied by torch from P's cache into a D-shaped cache on D's device
+        (a peer copy when P and D have different GPUs), per layer, and a flat copy."""
+        caches, there = self.caches, self.remote_device
+        local = KVCaches(caches.shape, d_blocks, there)
         si = torch.tensor(src_ids, device=self.device)
-        di = torch.tensor(dst_ids, device=self.device)
+        di = torch.tensor(dst_ids, device=there)
         flat_src = torch.empty(len(src_ids) * caches.shape.layers * caches.shape.page_bytes,
                                dtype=torch.uint8, device=self.device)
-        flat_dst = torch.empty_like(flat_src)
+        flat_dst = torch.empty_like(flat_src, device=there)
 
         def indexed() -> None:
             for s, d in zip(caches.layers, local.layers):
-                d.index_copy_(0, di, s.index_select(0, si))
+                d.index_copy_(0, di, s.index_select(0, si).to(there, non_blocking=True))
 
         result = {name: self._time_torch(fn, iters) for name, fn in
                   (("indexed", indexed), ("flat", lambda: flat_dst.copy_(flat_src)))}
