@@ -151,9 +151,7 @@ def make_rx_source(kind: str) -> RxSource | None:
 
 
 class CpuTimer:
-    """perf_counter marks; always resolved."""
-
-    name = "cpu"
+    name = "cpu"  # perf_counter marks, resolved at once
 
     def mark(self) -> float:
         return time.perf_counter()
@@ -348,10 +346,12 @@ class StepProbe:
 
     def step_end(self, stats: BatchStats | None, rx_bytes_total: int = 0) -> None:
         """Close the step opened by step_begin; emit every earlier step whose latency is known.
-        A bare step only keeps its marks; its line is written when its window ends."""
+        A bare step only keeps its marks; its line is written when its window ends. A step that
+        scheduled no request (vLLM stepping for KV transfers only) is not a forward: not recorded."""
         entered = time.perf_counter()
         mode = self._mode(self._step)
-        if self._open is None:
+        if self._open is None or (stats is not None and stats.num_reqs == 0):
+            self._open = None
             return
         timer = self._timer(mode)
         marks = (self._open[0], timer.mark())

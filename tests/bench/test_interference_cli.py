@@ -4,7 +4,7 @@ import pytest
 
 from pdpush.bench.interference import check_args, round_plan
 from pdpush.bench.interference_load import LogTail
-from pdpush.bench.interference_plot import plot_latency, plot_rx
+from pdpush.bench.interference_plot import plot_latency, plot_rx, rx_per_second
 from pdpush.bench.interference_report import Protocol, Round
 from pdpush.cli import build_parser, main
 
@@ -64,3 +64,9 @@ def test_plots_are_written(tmp_path):
     for path in (plot_latency(steps, rounds, Protocol(2, 10, 40), tmp_path / "lat.png"),
                  plot_rx(steps, rounds, tmp_path / "rx.png")):  # fmt: skip
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rx_is_binned_per_second_of_the_round():
+    steps = [{"t": 10.2, "rx_bytes": 2_000_000}, {"t": 10.7, "rx_bytes": 1_000_000},
+             {"t": 12.5, "rx_bytes": 500_000}, {"t": 12.6, "rx_bytes": None}]  # fmt: skip
+    assert rx_per_second(steps, Round("qps1", 1, 10.0, 12.9)) == [(0.0, 3.0), (1.0, 0.0), (2.0, 0.5)]

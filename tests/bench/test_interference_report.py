@@ -106,6 +106,7 @@ def test_probe_cost_compares_bare_windows_with_the_full_windows_around_them():
     steady_full = [s for s in steps if s["mode"] == "full" and s["step"] % 8]
     expected = sum(0.1 / s["period_ms"] for s in steady_full) / len(steady_full)
     assert cost["own_work_share"] == pytest.approx(expected)
+    assert cost["own_work_us"] == 100.0
 
 
 def test_probe_cost_is_none_without_ab_windows():

@@ -125,6 +125,19 @@ def test_gpu_latencies_are_resolved_later_in_order_and_close_waits(tmp_path):
     assert {r["timer"] for r in read_lines(path)} == {"fake-gpu"}
 
 
+def test_steps_without_requests_are_not_recorded(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    probe = StepProbe(CpuTimer(), ENGINE_RX, str(path))
+    run_steps(probe, 1, rx_per_step=0)
+    probe.step_begin()
+    probe.step_end(BatchStats(0, 0, 0, 0, 0), rx_bytes_total=500)  # stepping for transfers only
+    probe.step_begin()
+    probe.step_end(BatchStats(1, 1, 5, 5, 5), rx_bytes_total=700)
+    probe.close()
+    lines = read_lines(path)
+    assert [(r["step"], r["num_reqs"], r["rx_bytes"]) for r in lines] == [(0, 2, None), (1, 1, 700)]
+
+
 def test_ab_windows_alternate_full_and_bare_steps(tmp_path):
     path = tmp_path / "steps.jsonl"
     probe = StepProbe(CpuTimer(), ENGINE_RX, str(path), ab_steps=2)

@@ -7,7 +7,10 @@ their KV into D; D keeps them parked while the background batch runs (see
 pdpush.bench.interference_scheduler), so only the inbound writes touch D. DecodeLatency is D's step
 latency over contexts --measure-from..--measure-to, from D's step probe; the report gives min, max
 and avg relative to QPS 0, a repeat of QPS 0 as the noise floor, RX traffic, and the probe's own
-cost. Starts its own 1P1D (tiny model unless --model) or uses --decode-url with --probe-log.
+cost. Starts its own 1P1D (tiny model unless --model) or uses --decode-url with --probe-log; such
+a D needs the pdpush connector with `probe_log` (and `probe_ab_steps` for the cost figure) in its
+kv_connector_extra_config, and `--scheduler-cls pdpush.bench.interference_scheduler.HoldScheduler
+--additional-config '{"pdpush_hold_running": B}'` with --max-num-seqs above B.
 """
 
 from __future__ import annotations
@@ -96,9 +99,9 @@ def one_p_one_d(args: argparse.Namespace, probe_log: Path) -> Iterator[str]:
     model = args.model or ensure_tiny_model()
     max_len = max(args.max_tokens + 1, args.prompt_len + args.load_output) + 16
     logs = args.out / "logs"
+    chunk = ["--max-num-batched-tokens", str(args.prefill_batched_tokens)]
     prefill = VllmServer("prefill", model, kv_transfer_config=prefill_kv_config(), cpu_core=1,
-                         log_dir=logs, max_model_len=max_len,
-                         extra_args=["--max-num-batched-tokens", str(args.prefill_batched_tokens)])  # fmt: skip
+                         log_dir=logs, max_model_len=max_len, extra_args=chunk)  # fmt: skip
     probe = {"probe_log": str(probe_log), "probe_ab_steps": args.probe_ab_steps}
     # The protocol sends every long prompt to P: no "P busy" fallback to a local prefill on D.
     d_config = decode_kv_config([prefill.url], remote_threshold_tokens=min(256, args.prompt_len),
@@ -189,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.decode_url:
         probe_log.unlink(missing_ok=True)
     plan = round_plan(qps, args.repeat_baseline)
-    meta = {"command": " ".join(["pdpush", *sys.argv[1:]]), "cpus": os.cpu_count(),
+    options = {k: str(v) for k, v in vars(args).items() if not k.startswith("_")}
+    meta = {"options": options, "cpus": os.cpu_count(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": asdict(spec)}
     servers = contextlib.nullcontext(args.decode_url) if args.decode_url else one_p_one_d(args, probe_log)
     try:

@@ -36,19 +36,25 @@ def plot_latency(steps: list[Step], rounds: list[Round], proto: Protocol, path: 
     return path
 
 
+def rx_per_second(steps: list[Step], rnd: Round, bin_s: float = 1.0) -> list[tuple[float, float]]:
+    """RX in MB/s per `bin_s` bin since the round started: the engine source books a request's
+    bytes at once when its notification lands, so per-step rates are spikes, not a curve."""
+    bins = [0.0] * (int((rnd.t_end - rnd.t_start) / bin_s) + 1)
+    for s in in_round(steps, rnd):
+        if s.get("rx_bytes"):
+            bins[int((s["t"] - rnd.t_start) / bin_s)] += s["rx_bytes"] / 1e6 / bin_s
+    return [(i * bin_s, mbps) for i, mbps in enumerate(bins)]
+
+
 def plot_rx(steps: list[Step], rounds: list[Round], path: Path) -> Path:
-    """RX rate per step (MB/s) against seconds since the round started."""
+    """RX (MB/s, one-second bins) against seconds since the round started, one line per round."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
-    sources: set[str] = set()
+    sources = sorted({s["rx_source"] for r in rounds for s in in_round(steps, r) if s.get("rx_source")})
     for rnd in rounds:
-        pts = [(s["t"] - rnd.t_start, s["rx_bps"] / 1e6) for s in in_round(steps, rnd)
-               if s.get("rx_bps") is not None]  # fmt: skip
-        sources.update(s["rx_source"] for s in in_round(steps, rnd) if s.get("rx_source"))
-        if pts:
-            ax.plot(*zip(*pts), linewidth=0.8, label=rnd.label)
-    ax.set(xlabel="seconds since the round started", ylabel="RX (MB/s)",
-           title=f"Inbound KV traffic on D (source: {', '.join(sorted(sources)) or 'none'})")  # fmt: skip
+        ax.step(*zip(*rx_per_second(steps, rnd)), where="post", linewidth=0.9, label=rnd.label)
+    ax.set(xlabel="seconds since the round started", ylabel="RX (MB/s, 1 s bins)",
+           title=f"Inbound KV traffic on D (source: {', '.join(sources) or 'none'})")  # fmt: skip
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -139,13 +139,18 @@ def probe_cost(steps: list[Step], proto: Protocol) -> dict[str, Any] | None:
             return None
         mean, sem = _mean_and_sem(ratios)
         out[key] = {"overhead": mean, "sem": sem, "windows": len(ratios)}
-    own = [s["probe_us"] / 1e3 / s["period_ms"] for m, run in runs if m == "full"
-           for s in run if s["probe_us"] is not None and s["period_ms"]]  # fmt: skip
-    out["own_work_share"] = statistics.fmean(own) if own else None
+    full = [s for m, run in runs if m == "full" for s in run
+            if s["probe_us"] is not None and s["period_ms"]]  # fmt: skip
+    out["own_work_us"] = out["own_work_share"] = None
+    if full:
+        out["own_work_us"] = statistics.fmean(s["probe_us"] for s in full)
+        out["own_work_share"] = statistics.fmean(s["probe_us"] / 1e3 / s["period_ms"] for s in full)
     return out
 
 
-def build_report(steps: list[Step], rounds: list[Round], proto: Protocol, meta: dict[str, Any]) -> dict[str, Any]:
+def build_report(
+    steps: list[Step], rounds: list[Round], proto: Protocol, meta: dict[str, Any]
+) -> dict[str, Any]:
     """Everything the JSON report holds. The baseline is the first QPS-0 round with data; later
     QPS-0 rounds appear in the relative table too, as the noise floor."""
     per_round, stats_by_label = [], {}
@@ -181,13 +186,15 @@ def _round_rows(report: dict[str, Any]) -> list[str]:
     rows = []
     for r in report["rounds"]:
         d, rx = r["decode_latency"], r["rx"]
-        times = " | ".join(f"{d[k]:.3f}" for k in ("min_ms", "max_ms", "avg_ms", "median_ms")) if d else "n/a | n/a | n/a | n/a"
+        keys = ("steps", "excluded", "min_ms", "max_ms", "avg_ms", "median_ms")
+        figures = " | ".join(
+            "n/a" if d is None else f"{d[k]:.3f}" if k.endswith("_ms") else str(d[k]) for k in keys
+        )
         rows.append(
-            f"| {r['label']} | {r['qps']:g} | {d['steps'] if d else 0} | {d['excluded'] if d else 0} | {times} "
-            f"| {r['sent']} | {_counts(r['prefilled'])} | {rx['bytes']:,} | {rx['measured_bytes']:,} "
-            f"| {rx['mean_bps'] / 1e6:.2f} "
+            f"| {r['label']} | {r['qps']:g} | {figures} | {r['sent']} | {_counts(r['prefilled'])} "
+            f"| {rx['bytes']:,} | {rx['measured_bytes']:,} | {rx['mean_bps'] / 1e6:.2f} "
             f"| {', '.join(rx['sources']) or '-'} |"
-        )  # fmt: skip
+        )
     return rows
 
 
@@ -204,8 +211,9 @@ def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
         for key, c in ((k, cost[k]) for k in ("period_ms", "latency_ms"))
     ]
     share = cost["own_work_share"]
-    lines.append(f"- probe's own work per step: {share * 100:.3f}% of the step period" if share is not None
-                 else "- probe's own work per step: n/a")  # fmt: skip
+    if share is not None:
+        lines.append(f"- probe's own work per step: {cost['own_work_us']:.1f} µs, "
+                     f"{share * 100:.3f}% of the step period")  # fmt: skip
     return lines
 
 
