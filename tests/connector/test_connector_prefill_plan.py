@@ -103,3 +103,10 @@ def test_plain_requests_are_ignored():
     sched.get_num_new_matched_tokens(req, 0)
     assert sched.build_meta(step(new=[("p", 0, 10)])).tasks == []
     assert sched.request_finished(req) == (False, None)
+
+
+def test_push_aborted_before_p_looked_at_it_is_still_stopped():
+    sched = scheduler()
+    req = request("a", 64)
+    assert sched.request_finished(req)[0] is True  # held until the workers told D
+    assert list(sched.build_meta(step()).stopped) == ["a"]

@@ -56,5 +56,9 @@ def wait_free_blocks(port: int, baseline: int, timeout_s: float = 30.0) -> int:
 
 def reference_outputs(model: Path, prompts: dict[str, list[int]], max_tokens: int) -> dict:
     """Greedy tokens of each prompt from one plain aggregated vLLM engine (no connector)."""
-    with VllmServer("aggregated", model, log_dir=LOG_DIR, cpu_core=0) as server:
+    server = VllmServer("aggregated", model, log_dir=LOG_DIR, cpu_core=0).start()
+    try:
+        server.wait_healthy(480)  # start-up is slow when the 2 cores are shared
         return {name: tokens(complete(server.url, p, max_tokens)) for name, p in prompts.items()}
+    finally:
+        server.stop()

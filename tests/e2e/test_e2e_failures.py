@@ -26,7 +26,7 @@ MAX_TOKENS = 6
 TIMEOUT_S = 4.0
 GRACE_S = 1.0
 P_MAX_LEN = 2048
-HOGS = 3
+HOGS = 1
 PARALLEL = {f"par{i}": make_prompt(1500, 100 + i) for i in range(6)}
 LATER = {f"later{i}": make_prompt(300, 200 + i) for i in range(3)}
 PROMPTS = {**PARALLEL, **LATER, "too_long_for_p": make_prompt(P_MAX_LEN + 100, 300),
@@ -79,7 +79,7 @@ def d_stats(cluster) -> dict:
 def hog(url: str, seconds: float) -> None:
     """Keep a P busy (it runs one request at a time) by decoding until the client gives up.
 
-    One such request decodes for about 3 s here: HOGS of them queue on each P."""
+    P decodes about 40 tokens/s here, so one such request outlasts every test's deadline."""
     try:
         httpx.post(f"{url}/v1/completions", timeout=seconds, json={
             "prompt": [5, 6, 7], "max_tokens": P_MAX_LEN - 8, "ignore_eos": True})
@@ -125,8 +125,11 @@ def test_client_abort_while_waiting_for_kv_releases_blocks(cluster, reference):
         for p in cluster["P"] * HOGS:
             pool.submit(hog, p.url, 3.0)
         time.sleep(1.0)
-        with pytest.raises(httpx.TimeoutException):
-            complete(cluster["D"].url, PROMPTS["aborted"], MAX_TOKENS, timeout=1.0)
+        try:
+            body = complete(cluster["D"].url, PROMPTS["aborted"], MAX_TOKENS, timeout=1.0)
+        except httpx.TimeoutException:
+            body = None
+    assert body is None, f"served before the client gave up: {where(body)}"
     assert d_stats(cluster)["aborted_waiting"] == before + 1
     # Blocks come back (fixture) once P confirmed or the lease ended; D still serves it right.
     assert tokens(complete(cluster["D"].url, PROMPTS["aborted"], MAX_TOKENS)) == reference["aborted"]

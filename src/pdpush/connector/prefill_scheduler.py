@@ -98,7 +98,7 @@ class PrefillScheduler:
         error = self._errors.pop(req_id, None)
         if error is not None:
             return False, {"pdpush_error": error}
-        push = self._pushes.get(req_id)
+        push = self._pushes.get(req_id) or self._unseen_push(request)
         if push is None:
             return False, None
         if not push.planned_last:
@@ -106,6 +106,17 @@ class PrefillScheduler:
         self._held.add(req_id)
         self.pushed_requests += 1
         return True, {"pdpush": {"pushed": push.planned_last}}
+
+    def _unseen_push(self, request: "Request") -> Push | None:
+        """A push request aborted before P looked at it: still stop it, so D hears of it."""
+        try:
+            target = PushTarget.from_params(request.kv_transfer_params)
+        except ParamsError:
+            return None
+        if target is None:
+            return None
+        push = self._pushes[request.request_id] = Push(target, request.num_prompt_tokens, 0)
+        return push
 
     def update_connector_output(self, finished_sending: set[str]) -> None:
         for req_id in finished_sending:

@@ -83,6 +83,8 @@ class PrefillWorker:
             out.complete = out.complete or task.last
         for req_id, target in meta.stopped.items():
             out = self._out.setdefault(req_id, Outgoing(target))
+            if out.peer is None:  # nothing pushed yet: still tell D, so it need not wait the lease
+                out.peer = self._connect(target, out)
             if not out.complete:
                 out.stopped = out.stopped or "P's request ended before its prompt was computed"
 

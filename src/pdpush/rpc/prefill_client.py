@@ -161,7 +161,7 @@ class PrefillClient:
             await asyncio.sleep(self._health_interval_s)
 
     async def _check(self, url: str) -> None:
-        timeout = min(2.0, self._health_interval_s)
+        timeout = max(5.0, self._health_interval_s)  # a busy P answers slowly; a dead one at once
         try:
             health = await self._client.get(f"{url}/health", timeout=timeout)
             metrics = await self._client.get(f"{url}/metrics", timeout=timeout)
