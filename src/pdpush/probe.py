@@ -27,9 +27,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CONFIG_KEYS = ("probe_log", "probe_metrics", "probe_rx", "probe_timer", "probe_ab_steps")
-LATENCY_BUCKETS_S = (
-    0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
-)  # fmt: skip
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                     0.1, 0.2, 0.5, 1.0)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -162,17 +161,18 @@ class CpuTimer:
 
 class CudaTimer:
     """Events recorded on the current stream; `elapsed_ms` answers None until `end` completed,
-    so the hot path never waits for the GPU."""
+    so the hot path never waits for the GPU. Resolved events are reused (creating them costs)."""
 
     name = "cuda"
 
     def __init__(self) -> None:
         import torch
 
-        self._cuda = torch.cuda
+        self._new = lambda: torch.cuda.Event(enable_timing=True)
+        self._free: list[Any] = []
 
     def mark(self) -> Any:
-        event = self._cuda.Event(enable_timing=True)
+        event = self._free.pop() if self._free else self._new()
         event.record()
         return event
 
@@ -181,7 +181,9 @@ class CudaTimer:
             end.synchronize()
         elif not end.query():
             return None
-        return float(start.elapsed_time(end))
+        elapsed = float(start.elapsed_time(end))
+        self._free += (start, end)
+        return elapsed
 
 
 _BARE_TIMER = CpuTimer()
@@ -221,10 +223,9 @@ class ProbeMetrics:
     def observe(self, rec: dict[str, Any]) -> None:
         if rec["latency_ms"] is not None:
             self.latency.labels(rec["timer"]).observe(rec["latency_ms"] / 1e3)
-        if rec["rx_bps"] is not None:
-            self.rx_bps.set(rec["rx_bps"])
-        if rec["rx_pps"] is not None:
-            self.rx_pps.set(rec["rx_pps"])
+        for gauge, key in ((self.rx_bps, "rx_bps"), (self.rx_pps, "rx_pps")):
+            if rec[key] is not None:
+                gauge.set(rec[key])
         if rec["num_reqs"] is not None:
             self.reqs.set(rec["num_reqs"])
             self.tokens.set(rec["num_tokens"])
