@@ -1,5 +1,7 @@
 """The interference command's argument checks, round plan, log tail and plots (no engines)."""
 
+import json
+
 import pytest
 
 from pdpush.bench.interference import check_args, round_plan
@@ -38,6 +40,25 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(["bench", "interference", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_reanalyse_rewrites_the_reports_from_an_earlier_run(tmp_path, capsys):
+    from test_interference_report import background_round, window
+
+    from pdpush.bench.interference import write_outputs
+
+    steps = background_round(0.0) + background_round(10.0, slowdown=0.05, first_step=100)
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    rounds = [window("qps0", 0, steps[:19]), window("qps1", 1, steps[19:])]
+    write_outputs(tmp_path, tmp_path / "steps.jsonl", rounds, Protocol(4, 2, 20), {"run": "first"})
+    argv = ["--reanalyse", "--batch", "4", "--measure-from", "15", "--measure-to", "20",
+            "--max-tokens", "20", "--load-from", "5", "--out", str(tmp_path)]  # fmt: skip
+    assert main(["bench", "interference", *argv]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["protocol"] == {"batch": 4, "measure_from": 15, "measure_to": 20}
+    assert report["relative"]["qps1"]["avg"] == pytest.approx(0.05) and report["meta"] == {"run": "first"}
+    assert "| DecodeLatency | qps1 |" in capsys.readouterr().out
+    assert main(["bench", "interference", "--reanalyse", "--out", str(tmp_path / "nothing")]) == 2
 
 
 def test_round_plan_repeats_the_baseline_at_the_end():

@@ -75,6 +75,16 @@ def test_report_uses_the_first_qps0_as_baseline_and_shows_the_repeat_as_noise_fl
     assert json.loads(json.dumps(report)) == report  # JSON-able as is
 
 
+def test_caveats_name_rounds_without_traffic_in_the_measured_contexts_or_with_local_prefills():
+    r0, r1 = background_round(0.0), background_round(10.0, rx_per_step=0, first_step=100)
+    r1[0]["rx_bytes"] = 5000  # traffic early in the round only
+    rounds = [window("qps0", 0, r0), Round("qps1", 1, r1[0]["t"], r1[-1]["t"], 4, {"remote": 3, "fallback": 1})]
+    text = markdown(build_report(r0 + r1, rounds, PROTO, {}))
+    assert "qps1: no bytes arrived during the measured contexts" in text
+    assert "qps1: load requests not prefilled on P: fallback 1" in text
+    assert "qps0:" not in text.split("**Caveats:**")[1].split("## Rounds")[0]
+
+
 def test_report_without_a_quiet_round_has_no_baseline():
     r1 = background_round(0.0)
     report = build_report(r1, [window("qps1", 1, r1)], PROTO, {})

@@ -56,6 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p("--decode-url", help="use this running D instead of starting 1P1D (needs --probe-log)")
     p("--probe-log", type=Path, help="with --decode-url: D's probe_log file, readable here")
     p("--seed", type=int, default=0, help="seed of the load prompts")
+    p("--reanalyse", action="store_true",
+      help="no engines: redo the reports and plots in --out from its report.json rounds and "
+           "steps.jsonl (or --probe-log), with this run's --batch and --measure-* (--reanalyse only)")
 
 
 def check_args(args: argparse.Namespace) -> list[float]:
@@ -74,7 +77,8 @@ def check_args(args: argparse.Namespace) -> list[float]:
         (args.prompt_len >= 2 and args.load_output >= 1, "need --prompt-len >= 2, --load-output >= 1"),
         (args.probe_ab_steps >= 0, "--probe-ab-steps must be >= 0"),
         (args.kv_cache_gib >= 1 and args.prefill_batched_tokens >= 1, "sizes must be >= 1"),
-        (bool(args.decode_url) == bool(args.probe_log), "--decode-url and --probe-log go together"),
+        (bool(args.decode_url) == bool(args.probe_log) or args.reanalyse,
+         "--decode-url and --probe-log go together"),
     ]  # fmt: skip
     for ok, message in rules:
         if not ok:
@@ -178,6 +182,20 @@ def write_outputs(out: Path, probe_log: Path, rounds: list[Round], proto: Protoc
     return report
 
 
+def reanalyse(out: Path, probe_log: Path, proto: Protocol) -> int:
+    """Recompute an earlier run's outputs (other contexts, a changed report) without engines."""
+    try:
+        earlier = json.loads((out / "report.json").read_text())
+        fields = Round.__dataclass_fields__
+        rounds = [Round(**{k: r[k] for k in fields}) for r in earlier["rounds"]]
+        report = write_outputs(out, probe_log, rounds, proto, earlier.get("meta") or {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"pdpush bench interference: cannot reanalyse {out}: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the bar
     try:
@@ -187,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     spec = RoundSpec(args.batch, args.max_tokens, args.load_from, args.prompt_len, args.load_output)
     proto = Protocol(args.batch, args.measure_from, args.measure_to)
+    if args.reanalyse:
+        return reanalyse(args.out, args.probe_log or args.out / "steps.jsonl", proto)
     args.out.mkdir(parents=True, exist_ok=True)
     probe_log = args.probe_log or args.out / "steps.jsonl"
     if not args.decode_url:

@@ -217,6 +217,22 @@ def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def warnings(report: dict[str, Any]) -> list[str]:
+    """What makes a round's figure mean less than it seems: no push traffic while it was measured,
+    load requests not prefilled on P, or no measurable steps."""
+    out = []
+    for r in report["rounds"]:
+        if r["decode_latency"] is None:
+            out.append(f"{r['label']}: no step of the background batch alone in the measured contexts")
+        if r["qps"] > 0 and r["rx"]["measured_bytes"] == 0:
+            out.append(f"{r['label']}: no bytes arrived during the measured contexts, so this round "
+                       "does not measure interference")  # fmt: skip
+        others = {k: v for k, v in r["prefilled"].items() if k != "remote"}
+        if others:
+            out.append(f"{r['label']}: load requests not prefilled on P: {_counts(others)}")
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The seed's table (relative to the baseline), the absolute figures per round, probe cost."""
     proto = report["protocol"]
@@ -230,6 +246,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     for key in ("min", "max", "avg"):
         lines.append(f"| {key} | " + " | ".join(_signed(report["relative"][lb][key]) for lb in labels) + " |")
+    caveats = warnings(report)
+    if caveats:
+        lines += ["", "**Caveats:**", *(f"- {c}" for c in caveats)]
     lines += [
         "", "## Rounds", "",
         "| round | QPS | steps | excluded | min ms | max ms | avg ms | median ms "
