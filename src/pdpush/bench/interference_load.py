@@ -56,7 +56,10 @@ class Completions:
     """POST /v1/completions with token-id prompts; no timeout (parked requests wait a round)."""
 
     def __init__(self, base_url: str, model: str) -> None:
-        self.client = httpx.AsyncClient(base_url=base_url, timeout=None)
+        # No pool limit: B background requests plus every parked load request are open at once
+        # (httpx's default of 100 connections silently queued the load behind the batch).
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits)
         self.model = model
 
     async def complete(self, prompt: list[int], max_tokens: int) -> str:
