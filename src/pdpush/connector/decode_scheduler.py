@@ -51,7 +51,6 @@ class DecodeCounters:
     aborted_waiting: int = 0
     first_token_checked: int = 0
     first_token_mismatch: int = 0  # greedy: P's token differs from D's = suspected corruption
-    bad_params: int = 0
 
 
 @dataclass
@@ -68,6 +67,7 @@ class DecodeScheduler:
     _local_only: set[str] = field(default_factory=set)  # failed remotes, recomputed here
     _where: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the response
     _expect: list[str] = field(default_factory=list)
+    _awaiting_p_token: dict[str, int] = field(default_factory=dict)  # D's first token, by request
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -196,8 +196,12 @@ class DecodeScheduler:
         for result in self.client.drain_results():
             self.policy.finished(result.url, result.ok, now)
             where = self._where.get(result.req_id)
-            if where is not None and result.first_token is not None:
-                where["p_first_token"] = result.first_token  # may come after the KV did
+            d_token = self._awaiting_p_token.pop(result.req_id, None)
+            if result.first_token is not None:  # P's answer may come after the KV, even after D
+                if where is not None:           # finished the request
+                    where["p_first_token"] = result.first_token
+                elif d_token is not None:
+                    self._compare_first_tokens(result.req_id, result.first_token, d_token)
             rec = self._remote.get(result.req_id)
             if rec is None:
                 continue
@@ -208,17 +212,24 @@ class DecodeScheduler:
                 rec.give_up = rec.give_up or not result.may_have_written
 
     def _check_first_token(self, req_id: str, where: dict[str, Any], output: list[int]) -> None:
-        """Greedy: P's first token must equal D's; a difference suggests corrupt KV."""
-        p_token = where.pop("p_first_token", None)
-        greedy = where.pop("greedy", False)
-        if not greedy or p_token is None or not output:
+        """Greedy: P's first token must equal D's; compared now or once P's answer arrives."""
+        p_token = where.get("p_first_token")
+        if not where.pop("greedy", False) or not output:
             return
-        self.counters.first_token_checked += 1
-        if output[0] != p_token:
-            self.counters.first_token_mismatch += 1
+        if p_token is None:
+            self._awaiting_p_token[req_id] = output[0]
+        elif not self._compare_first_tokens(req_id, p_token, output[0]):
             where["first_token_mismatch"] = True
-            log.error("pdpush: %s: P's first token %d != D's %d (greedy): suspected KV "
-                      "corruption", req_id, p_token, output[0])
+
+    def _compare_first_tokens(self, req_id: str, p_token: int, d_token: int) -> bool:
+        """A difference under greedy sampling suggests corrupt or missing KV: log and count."""
+        self.counters.first_token_checked += 1
+        if p_token == d_token:
+            return True
+        self.counters.first_token_mismatch += 1
+        log.error("pdpush: %s: P's first token %d != D's %d (greedy): suspected KV corruption",
+                  req_id, p_token, d_token)
+        return False
 
 
 def _sampling_for_p(sp: Any) -> dict[str, Any]:
