@@ -60,7 +60,7 @@ class DecodeScheduler:
     engine_id: str
     probe_enabled: bool = False
     policy: Policy = field(init=False)
-    client: PrefillClient = field(init=False)
+    client: Any = None  # PrefillClient; tests pass a stand-in
     counters: DecodeCounters = field(default_factory=DecodeCounters)
     _chosen: dict[str, str] = field(default_factory=dict)  # between match and alloc
     _remote: dict[str, RemotePrefill] = field(default_factory=dict)
@@ -76,7 +76,8 @@ class DecodeScheduler:
                          cfg.max_prefill_queue, cfg.retry_after_s),
             cfg.prefill_urls,
         )
-        self.client = PrefillClient(cfg.prefill_urls, cfg.health_interval_s)
+        if self.client is None:
+            self.client = PrefillClient(cfg.prefill_urls, cfg.health_interval_s)
 
     # -- vLLM hooks ------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: "Request", num_computed: int) -> tuple[int, bool]:
