@@ -39,7 +39,7 @@ class FakeClient:
 
 
 def request(req_id: str, n: int, temperature: float = 0.0, params=None):
-    return NS(request_id=req_id, num_prompt_tokens=n, prompt_token_ids=list(range(n)),
+    return NS(request_id=req_id, num_prompt_tokens=n, num_tokens=n, prompt_token_ids=list(range(n)),
               kv_transfer_params=params, output_token_ids=[],
               sampling_params=NS(temperature=temperature, top_p=1.0, top_k=0, seed=None))
 
@@ -154,3 +154,9 @@ def test_health_reports_reach_the_policy_before_deciding(sched):
     sched.client.health.append(HealthReport(P, ok=False))
     assert sched.get_num_new_matched_tokens(request("a", 100), 0) == (0, False)
     assert sched.stats()["prefills"][P]["healthy"] is False
+
+
+def test_resumed_request_with_output_is_recomputed_locally(sched):
+    req = request("a", 100)
+    req.num_tokens = 105  # preempted after 5 output tokens
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)

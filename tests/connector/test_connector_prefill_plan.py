@@ -18,13 +18,14 @@ def request(req_id: str, n: int, skip: int = 0, deadline: float = 1e10, d_blocks
     return NS(request_id=req_id, num_prompt_tokens=n, kv_transfer_params=t.to_params())
 
 
-def step(new=(), cached=()):
+def step(new=(), cached=(), preempted=()):
     """new / cached: (req_id, computed_before, scheduled) triples."""
     return NS(
         scheduled_new_reqs=[NS(req_id=r, num_computed_tokens=c) for r, c, _ in new],
         scheduled_cached_reqs=NS(req_ids=[r for r, _, _ in cached],
                                  num_computed_tokens=[c for _, c, _ in cached]),
         num_scheduled_tokens={r: s for r, _, s in [*new, *cached]},
+        preempted_req_ids=set(preempted),
     )
 
 
@@ -110,3 +111,14 @@ def test_push_aborted_before_p_looked_at_it_is_still_stopped():
     req = request("a", 64)
     assert sched.request_finished(req)[0] is True  # held until the workers told D
     assert list(sched.build_meta(step()).stopped) == ["a"]
+
+
+def test_preempted_push_is_flagged_and_resumes_where_it_left_off():
+    sched = scheduler()
+    sched.get_num_new_matched_tokens(request("a", 48), 0)
+    sched.build_meta(step(new=[("a", 0, 16)]))
+    meta = sched.build_meta(step(preempted=["a", "plain"]))
+    assert meta.preempted == ["a"]  # the workers finish its WRITEs before blocks are reused
+    # Recomputed from scratch later: only blocks not pushed yet are planned again.
+    tasks = sched.build_meta(step(new=[("a", 0, 48)])).tasks
+    assert [(t.d_block_ids, t.last) for t in tasks] == [([101, 102], True)]

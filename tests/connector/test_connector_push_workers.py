@@ -7,6 +7,7 @@ blocks, nothing elsewhere, and a completion (or failure) notification.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -93,6 +94,27 @@ def test_no_write_after_the_deadline_and_d_hears_it(pair):
     _, failed = settle(d, p, "r2", "p2")
     assert failed == {"r2"}
     assert not any(d_kv[name][10].any() for name in LAYERS)
+
+
+def test_preempted_request_has_no_write_in_flight_before_the_forward(pair):
+    d, p, d_kv, p_kv, port = pair
+    t = target(port, "r6", [9, 6])
+    run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p6", t, [7], [9], last=False)]))
+    # D's engine steps (and so progresses its agent) while it waits for KV; here a thread does.
+    stop = threading.Event()
+    progress = threading.Thread(target=lambda: [d.engine.notifications() for _ in iter(
+        lambda: stop.is_set(), True)])
+    progress.start()
+    try:
+        p.finish_writes(["p6"])
+    finally:
+        stop.set()
+        progress.join()
+    assert p._out["p6"].transfers == []
+    run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p6", t, [8], [6], last=True)]))
+    settle(d, p, "r6", "p6")
+    assert all(torch.equal(d_kv[n][9], p_kv[n][7]) and torch.equal(d_kv[n][6], p_kv[n][8])
+               for n in LAYERS)
 
 
 def test_request_stopped_midway_tells_d(pair):

@@ -93,6 +93,8 @@ class DecodeScheduler:
         uncached = request.num_prompt_tokens - num_computed
         if mode == "local":
             decision_url, reason = None, "client_asked_local"
+        elif request.num_tokens > request.num_prompt_tokens:  # preempted and resumed: has output
+            decision_url, reason = None, "resumed"
         else:
             decision = self.policy.choose(uncached, time.time(), force_remote=mode == "remote")
             decision_url, reason = decision.url, decision.reason

@@ -95,6 +95,11 @@ class PdpushConnector(KVConnectorBase_V1):
         else:
             self.worker.bind(connector_metadata.step)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if not self.is_decode:
+            assert isinstance(kv_connector_metadata, PdpushMeta)
+            self.worker.finish_writes(kv_connector_metadata.step.preempted)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return  # D's KV arrives by WRITE from P; nothing to load here
 

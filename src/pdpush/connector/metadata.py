@@ -115,6 +115,9 @@ class PrefillStepMeta:
     tasks: list[PushTask] = field(default_factory=list)
     # P requests that ended before their last push (abort, error): stop and tell D.
     stopped: dict[str, PushTarget] = field(default_factory=dict)
+    # P requests preempted this step: their blocks may be reused by this very forward, so
+    # their in-flight WRITEs must complete first.
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass

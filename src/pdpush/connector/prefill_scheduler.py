@@ -68,7 +68,8 @@ class PrefillScheduler:
 
     def build_meta(self, scheduler_output: Any) -> PrefillStepMeta:
         computed = _computed_before_step(scheduler_output)
-        meta = PrefillStepMeta(stopped=self._stopped)
+        meta = PrefillStepMeta(stopped=self._stopped, preempted=[
+            r for r in scheduler_output.preempted_req_ids or () if r in self._pushes])
         self._stopped = {}
         for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
             push = self._pushes.get(req_id)

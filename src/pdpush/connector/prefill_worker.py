@@ -88,6 +88,15 @@ class PrefillWorker:
             if not out.complete:
                 out.stopped = out.stopped or "P's request ended before its prompt was computed"
 
+    def finish_writes(self, req_ids: list[str]) -> None:
+        """Before the forward: wait out the WRITEs of preempted requests (blocks about to be
+        reused must not be read by a WRITE still in flight)."""
+        deadline = time.monotonic() + self.config.prefill_timeout_s
+        for req_id in req_ids:
+            out = self._out.get(req_id)
+            while out is not None and out.transfers and time.monotonic() < deadline:
+                self._settled(req_id, out)
+
     def save_kv_layer(self, layer_name: str, kv_layer: Any) -> None:
         if not self._tasks:
             return

@@ -78,12 +78,16 @@ class PrefillClient:
         self._lock = threading.Lock()
         self._loop = _Loop()
         self._loop.start()
-        self._client: httpx.AsyncClient = self._loop.call(self._make_client()).result()
-        self._health_task = self._loop.call(self._health_loop())
+        self._client, self._health_task = self._loop.call(self._start()).result()
 
-    @staticmethod
-    async def _make_client() -> httpx.AsyncClient:
-        return httpx.AsyncClient(limits=httpx.Limits(max_connections=256), trust_env=False)
+    async def _start(self) -> tuple[httpx.AsyncClient, asyncio.Task]:
+        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256), trust_env=False)
+        return client, asyncio.create_task(self._health_loop())
+
+    async def _stop(self) -> None:
+        self._health_task.cancel()
+        await asyncio.gather(self._health_task, return_exceptions=True)
+        await self._client.aclose()
 
     def submit(self, job: PrefillJob) -> None:
         future = self._loop.call(self._do_prefill(job))
@@ -103,12 +107,11 @@ class PrefillClient:
         return _drain(self._health)
 
     def close(self) -> None:
-        self._health_task.cancel()
         with self._lock:
             for future in self._calls.values():
                 future.cancel()
             self._calls.clear()
-        self._loop.call(self._client.aclose()).result(timeout=5)
+        self._loop.call(self._stop()).result(timeout=5)
         self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
 
     async def _do_prefill(self, job: PrefillJob) -> None:
