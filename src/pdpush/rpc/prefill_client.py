@@ -78,11 +78,15 @@ class PrefillClient:
         self._lock = threading.Lock()
         self._loop = _Loop()
         self._loop.start()
-        self._client, self._health_task = self._loop.call(self._start()).result()
+        self._client: httpx.AsyncClient = self._loop.call(self._make_client()).result()
+        self._health_task: asyncio.Task = self._loop.call(self._start_health()).result()
 
-    async def _start(self) -> tuple[httpx.AsyncClient, asyncio.Task]:
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256), trust_env=False)
-        return client, asyncio.create_task(self._health_loop())
+    @staticmethod
+    async def _make_client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(limits=httpx.Limits(max_connections=256), trust_env=False)
+
+    async def _start_health(self) -> asyncio.Task:
+        return asyncio.create_task(self._health_loop())
 
     async def _stop(self) -> None:
         self._health_task.cancel()
