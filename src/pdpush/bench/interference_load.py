@@ -145,6 +145,8 @@ async def run_round(
         await load_task
     errors = [t.exception() for t in background if t.exception() is not None]
     if errors:
+        for task in load.tasks:
+            task.cancel()
         raise RuntimeError(f"{len(errors)} background request(s) failed: {errors[0]}")
     counts = await load.settle(settle_timeout_s)
     progress(spec.max_tokens, len(load.tasks))

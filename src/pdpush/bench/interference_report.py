@@ -114,17 +114,17 @@ def _runs(steps: list[Step]) -> list[tuple[str, list[Step]]]:
     return runs
 
 
-def _mean_and_sem(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], math.nan
-    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+def _median_and_quartiles(values: list[float]) -> dict[str, float]:
+    """Robust to the odd window hit by something else on the machine (a mean is not)."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {"median": q2, "q1": q1, "q3": q3}
 
 
 def probe_cost(steps: list[Step], proto: Protocol) -> dict[str, Any] | None:
     """The probe's cost from its A/B windows on one engine: each bare window against the mean of
     the full windows either side (cancels the slow rise of latency with context), per-window
-    medians, the first step of each window dropped (it carries the switch). Positive = the full
-    probe is slower. Also the probe's own measured work per step relative to the step period."""
+    medians, the first step of each window dropped (it carries the switch); the median and
+    quartiles of those ratios over all window pairs. Positive = the full probe is slower. Also the probe's own measured work per step relative to the step period."""
     background = [s for s in steps if is_background_only(s, proto)]
     runs = [(m, run[1:]) for m, run in _runs(background) if len(run) > 2]
     out: dict[str, Any] = {}
@@ -137,8 +137,7 @@ def probe_cost(steps: list[Step], proto: Protocol) -> dict[str, Any] | None:
             ratios.append((medians[0] + medians[2]) / 2 / medians[1] - 1)
         if not ratios:
             return None
-        mean, sem = _mean_and_sem(ratios)
-        out[key] = {"overhead": mean, "sem": sem, "windows": len(ratios)}
+        out[key] = {**_median_and_quartiles(ratios), "windows": len(ratios)}
     full = [s for m, run in runs if m == "full" for s in run
             if s["probe_us"] is not None and s["period_ms"]]  # fmt: skip
     out["own_work_us"] = out["own_work_share"] = None
@@ -206,8 +205,8 @@ def _cost_lines(cost: dict[str, Any] | None) -> list[str]:
     if cost is None:
         return ["Not measured (run with --probe-ab-steps > 0; needs QPS-0 rounds)."]
     lines = [
-        f"- {key}: full probe vs bare {_signed(c['overhead'] * 100, 3)}% "
-        f"(± {c['sem'] * 100:.3f}% standard error over {c['windows']} window pairs)"
+        f"- {key}: full probe vs bare, median {_signed(c['median'] * 100, 3)}% over {c['windows']} "
+        f"window pairs (middle half {_signed(c['q1'] * 100, 2)}% to {_signed(c['q3'] * 100, 2)}%)"
         for key, c in ((k, cost[k]) for k in ("period_ms", "latency_ms"))
     ]
     share = cost["own_work_share"]
