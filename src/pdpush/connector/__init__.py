@@ -1,0 +1,26 @@
+"""pdpush's vLLM v1 KV connector: decode-centric prefill/decode with layer-wise KV push.
+
+Start P and D as plain vLLM OpenAI servers; clients talk to D only:
+
+    from pdpush.connector.config import decode_kv_config, prefill_kv_config
+    P:  python -m vllm.entrypoints.openai.api_server --model M --port 8100 \\
+            --kv-transfer-config "$(json of prefill_kv_config())"
+    D:  python -m vllm.entrypoints.openai.api_server --model M --port 8000 \\
+            --kv-transfer-config "$(json of decode_kv_config(['http://127.0.0.1:8100']))"
+
+Same model, block size and tensor-parallel size on both. Options (PdpushConfig, validated at
+start) go in `kv_connector_extra_config`; give each D on a host its own `side_channel_port`,
+and a `stats_port` to read live stats (`GET /stats` JSON: free KV blocks, local/remote/fallback
+counts, first-token mismatches, per-P load and health; `GET /metrics` the same for Prometheus).
+
+Per request, D's response carries `kv_transfer_params.pdpush`: where the prefill ran
+(`prefill`: local / remote / fallback), the P `url`, `skip_tokens` (D's own prefix-cache hit,
+not pushed), P's first token when known, and `error` / `pdpush_error` on failures. A client may
+send `kv_transfer_params={"pdpush_prefill": "local" | "remote" | "auto"}`.
+
+Files: facade.py (the class vLLM loads, routing only) · decode_scheduler.py / decode_worker.py
+(D) · prefill_scheduler.py / prefill_worker.py (P) · metadata.py (what travels between halves
+and between D and P) · config.py · kv_region.py (cache tensors as the transfer engine sees them)
+· stats.py. The do_prefill client and the side channel live in pdpush.rpc, the NIXL wrapper
+and byte-run layout in pdpush.transfer, the local/remote policy in pdpush.policy.
+"""
