@@ -1,6 +1,7 @@
 """A streaming OpenAI-completions client that measures what a user of D sees per request.
 
-TTFT is the time to the first streamed token, TPOT the mean gap between later tokens. Prompts are
+TTFT is the time to the first streamed token, TPOT the mean gap between later tokens (0 when the
+server delivered them all in the first chunk). Prompts are
 sent as text or token ids; `ignore_eos` and greedy sampling are vLLM extensions the server accepts.
 """
 
@@ -57,12 +58,13 @@ def complete(
     end = time.perf_counter()
     if not token_times:
         raise RuntimeError(f"{base_url}: the stream ended without a token")
-    gaps = len(token_times) - 1
+    # The server may merge several tokens into one chunk when it falls behind: count tokens, not chunks.
+    num_tokens = usage_tokens if usage_tokens is not None else len(token_times)
     return Completion(
         text="".join(text),
-        num_tokens=usage_tokens if usage_tokens is not None else len(token_times),
+        num_tokens=num_tokens,
         ttft_s=token_times[0] - start,
-        tpot_s=(token_times[-1] - token_times[0]) / gaps if gaps else 0.0,
+        tpot_s=(token_times[-1] - token_times[0]) / (num_tokens - 1) if num_tokens > 1 else 0.0,
         e2e_s=end - start,
     )
 

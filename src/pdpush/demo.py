@@ -8,6 +8,7 @@ not what D meant to do.
 from __future__ import annotations
 
 import argparse
+import time
 
 from pdpush.up import add_cluster_args, start_cluster
 
@@ -56,14 +57,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _one(client, d_url: str, p_urls: list[str], label: str, prompt: str, max_tokens: int) -> dict:
-    from pdpush.client import complete, prompt_tokens_served
+    from pdpush.client import complete
 
-    before = [prompt_tokens_served(client, u) for u in p_urls]
+    before = _prefill_counts(client, p_urls)
     result = complete(client, d_url, prompt, max_tokens=max_tokens)
-    after = [prompt_tokens_served(client, u) for u in p_urls]
-    where = [u for u, b, a in zip(p_urls, before, after) if a > b]
-    return {"request": label, "prompt": len(prompt), "where": ", ".join(where) or "D (local)",
+    return {"request": label, "prompt": len(prompt), "where": _prefilled_on(client, p_urls, before),
             "ttft_ms": result.ttft_s * 1e3, "tpot_ms": result.tpot_s * 1e3, "tokens": result.num_tokens}
+
+
+def _prefill_counts(client, p_urls: list[str]) -> list[float]:
+    from pdpush.client import prompt_tokens_served
+
+    return [prompt_tokens_served(client, u) for u in p_urls]
+
+
+def _prefilled_on(client, p_urls: list[str], before: list[float], settle_s: float = 2.0) -> str:
+    """The P whose prompt-token counter moved. P updates it after answering do_prefill, which can
+    be after D already streamed the request to its end, so give it `settle_s` to show up."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        after = _prefill_counts(client, p_urls)
+        moved = [u for u, b, a in zip(p_urls, before, after) if a > b]
+        if moved or time.monotonic() > deadline:
+            return ", ".join(moved) or "D (local)"
+        time.sleep(0.1)
 
 
 def _print_table(rows: list[dict]) -> None:
