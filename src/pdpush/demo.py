@@ -77,7 +77,7 @@ def _prefilled_on(client, p_urls: list[str], before: list[float], settle_s: floa
     deadline = time.monotonic() + settle_s
     while True:
         after = _prefill_counts(client, p_urls)
-        moved = [u for u, b, a in zip(p_urls, before, after) if a > b]
+        moved = [f"P{i} :{u.rsplit(':', 1)[-1]}" for i, (u, b, a) in enumerate(zip(p_urls, before, after)) if a > b]
         if moved or time.monotonic() > deadline:
             return ", ".join(moved) or "D (local)"
         time.sleep(0.1)
