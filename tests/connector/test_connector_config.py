@@ -57,3 +57,4 @@ def test_bad_role_is_rejected():
 def test_builder_fails_early_on_a_typo():
     with pytest.raises(ConfigError, match="unknown"):
         decode_kv_config(["http://p"], threshold=3)
+

@@ -80,6 +80,12 @@ class PdpushConnector(KVConnectorBase_V1):
 
             self.worker = PrefillWorker(self.config, engine_id, rank, num_blocks)
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """P's save_kv_layer must run after each layer, which a full CUDA graph would skip.
+        D (the role with prefill_urls) has no per-layer work and keeps full graphs."""
+        return not (extra_config or {}).get("prefill_urls")
+
     # -- worker side -----------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.worker.register_kv_caches(kv_caches)

@@ -1,0 +1,13 @@
+"""The facade's class-level answers to vLLM (imports vLLM, unlike the other unit tests)."""
+
+import pytest
+
+from pdpush.connector.config import decode_kv_config, prefill_kv_config
+
+
+def test_only_p_asks_vllm_for_piecewise_cuda_graphs():
+    facade = pytest.importorskip("pdpush.connector.facade")
+    cls = facade.PdpushConnector
+    assert cls.requires_piecewise_for_cudagraph(prefill_kv_config()["kv_connector_extra_config"])
+    d_extra = decode_kv_config(["http://p"])["kv_connector_extra_config"]
+    assert not cls.requires_piecewise_for_cudagraph(d_extra)
