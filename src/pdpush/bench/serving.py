@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 PATHS = ("pdpush", "local", "nixl-pull", "nixl-push")
+# A request that takes longer has hung on this tiny model; the path is reported failed.
+REQUEST_TIMEOUT_S = 120.0
 
 
 def make_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -36,7 +38,7 @@ def pdpush_path(model: Path, log_dir: Path) -> Iterator[Callable]:
     from pdpush.cluster import LocalCluster
 
     with LocalCluster(model, log_dir=log_dir / "pdpush") as cluster, _client() as client:
-        yield lambda prompt: complete(client, cluster.decode.url, prompt, max_tokens=2).ttft_s
+        yield lambda prompt: complete(client, cluster.decode.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S).ttft_s
 
 
 @contextmanager
@@ -45,7 +47,7 @@ def local_path(model: Path, log_dir: Path) -> Iterator[Callable]:
     from pdpush.cluster import VllmServer
 
     with VllmServer("local", model, cpu_core=0, log_dir=log_dir) as server, _client() as client:
-        yield lambda prompt: complete(client, server.url, prompt, max_tokens=2).ttft_s
+        yield lambda prompt: complete(client, server.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S).ttft_s
 
 
 def nixl_path(connector: str) -> Callable:
@@ -56,19 +58,20 @@ def nixl_path(connector: str) -> Callable:
         from pdpush.client import complete
         from pdpush.cluster import VllmServer, free_port
 
-        config = {"kv_connector": connector, "kv_role": "kv_both", "kv_buffer_device": "cpu"}
-
-        def server(name: str, core: int, extra: list[str]) -> VllmServer:
+        def server(name: str, role: str, core: int, extra: list[str]) -> VllmServer:
+            config = {"kv_connector": connector, "kv_role": role, "kv_buffer_device": "cpu"}
             env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1", "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
             return VllmServer(name, model, kv_transfer_config=config, cpu_core=core, env=env,
                               extra_args=extra, log_dir=log_dir / connector)
 
-        with server("P", 1, ["--max-num-batched-tokens", "512"]) as p, server("D", 0, []) as d, _client() as client:
+        p_server = server("P", "kv_producer", 1, ["--max-num-batched-tokens", "512"])
+        with p_server as p, server("D", "kv_consumer", 0, []) as d, _client() as client:
             def ttft(prompt: list[int]) -> float:
                 start = time.perf_counter()
                 params = _prefill_on(client, p.url, prompt)
                 prefill_s = time.perf_counter() - start
-                first = complete(client, d.url, prompt, max_tokens=2, extra={"kv_transfer_params": params})
+                first = complete(client, d.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S,
+                                 extra={"kv_transfer_params": params})
                 return prefill_s + first.ttft_s
 
             yield ttft
@@ -79,7 +82,7 @@ def nixl_path(connector: str) -> Callable:
 def _prefill_on(client, p_url: str, prompt: list[int]) -> dict:
     body = {"model": "pdpush", "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
             "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
-    resp = client.post(f"{p_url}/v1/completions", json=body, timeout=300.0)
+    resp = client.post(f"{p_url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_S)
     resp.raise_for_status()
     return resp.json()["kv_transfer_params"]
 
@@ -121,6 +124,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import httpx
     from rich.console import Console
     from rich.table import Table
 
@@ -134,22 +138,26 @@ def run(args: argparse.Namespace) -> int:
         return 2
     model = args.model or ensure_tiny_model()
     warmup, *prompts = make_prompts(args.repeats + 1, args.prompt_tokens)
-    console, ttfts = Console(stderr=True), {}
+    console, ttfts, failed = Console(stderr=True), {}, {}
     for path in paths:
         with console.status(f"{path}: starting servers and timing {args.repeats} prompts…"):
             try:
                 ttfts[path] = measure(path, model, prompts, warmup, args.out / "logs")
-            except ServerError as exc:
-                console.print(f"[red]{path} failed[/]: {exc}")
+            except (ServerError, httpx.HTTPError) as exc:
+                failed[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                console.print(f"[red]{path} failed[/]: {failed[path]} (logs in {args.out / 'logs'})")
     summary = summarize(ttfts)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-              "ttft_s": ttfts, "summary": summary}
+              "ttft_s": ttfts, "summary": summary, "failed": failed}
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     table = Table(title=f"TTFT of a {args.prompt_tokens}-token prompt (median of {args.repeats})")
     for col in ("path", "median ms", "min ms", "× local"):
         table.add_column(col, justify="left" if col == "path" else "right")
     for path, row in summary.items():
         table.add_row(path, f"{row['median_ms']:.1f}", f"{row['min_ms']:.1f}", f"{row['vs_local']:.2f}")
+    for path, error in failed.items():
+        table.add_row(path, "failed", "", "")
+        console.print(f"{path}: {error}")
     Console().print(table)
     return 0 if len(ttfts) == len(paths) else 1
