@@ -48,8 +48,8 @@ class _Started:
     """`with X(...) as x:` starts x, waits until healthy, and always stops what was started."""
 
     def __enter__(self):
-        self.start()
         try:
+            self.start()
             self.wait_healthy()
         except BaseException:
             self.stop()
@@ -162,7 +162,11 @@ class VllmServer(_Started):
 
 @dataclass
 class LocalCluster(_Started):
-    """N prefill servers and one decode server on this machine, started together.
+    """N prefill servers and one decode server on this machine.
+
+    The Ps start first and D only once they answer /health: D's connector health-checks its Ps from
+    the moment it starts, and a check that finds a P still loading marks it down, so requests sent
+    right after start-up would all be prefilled locally.
 
     Cores: D gets core 0 and the Ps share the remaining cores (all of them on core 1 on a 2-core
     machine), so P's prefill never competes with D's decode for a core.
@@ -193,8 +197,11 @@ class LocalCluster(_Started):
         urls = [p.url for p in self.prefills]
         self.decode = VllmServer("D", self.model, kv_transfer_config=decode_kv_config(urls, **self.decode_opts),
                                  cpu_core=0, extra_args=self.decode_args, log_dir=self.log_dir)
-        for server in self.servers:
+        for server in self.prefills:
             server.start()
+        for server in self.prefills:
+            server.wait_healthy()
+        self.decode.start()
         return self
 
     @property

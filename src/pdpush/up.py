@@ -38,8 +38,8 @@ def start_cluster(args: argparse.Namespace, **decode_opts):
                            decode_opts={"remote_threshold_tokens": args.threshold, **decode_opts})
     started = time.monotonic()
     with console.status(f"starting {args.prefills} P + 1 D (logs in {args.log_dir})…"):
-        cluster.start()
         try:
+            cluster.start()
             cluster.wait_healthy()
         except BaseException:
             cluster.stop()
