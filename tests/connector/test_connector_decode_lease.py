@@ -160,3 +160,20 @@ def test_resumed_request_with_output_is_recomputed_locally(sched):
     req = request("a", 100)
     req.num_tokens = 105  # preempted after 5 output tokens
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+def test_outcomes_and_health_checks_apply_in_the_order_they_happened(sched):
+    """A do_prefill failure drained together with a later good health check leaves P usable;
+    the same failure after the check marks it down (the control)."""
+    from pdpush.rpc.prefill_client import HealthReport
+
+    go_remote(sched, request("a", 100))
+    t = time.monotonic()
+    sched.client.results = [PrefillResult("a", P, False, error="deadline", at=t)]
+    sched.client.health = [HealthReport(P, True, at=t + 1.0)]
+    assert sched.get_num_new_matched_tokens(request("b", 100), 0) == (100, True)
+
+    go_remote(sched, request("c", 100))
+    sched.client.health = [HealthReport(P, True, at=t + 2.0)]
+    sched.client.results = [PrefillResult("c", P, False, error="deadline", at=t + 3.0)]
+    assert sched.get_num_new_matched_tokens(request("d", 100), 0) == (0, False)

@@ -24,7 +24,7 @@ from pdpush.connector.metadata import (
     DecodeStepMeta, ParamsError, PushTarget, client_mode,
 )
 from pdpush.policy import Policy, PolicyConfig
-from pdpush.rpc.prefill_client import PrefillClient, PrefillJob
+from pdpush.rpc.prefill_client import HealthReport, PrefillClient, PrefillJob, PrefillResult
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -194,25 +194,31 @@ class DecodeScheduler:
 
     # -- internals -------------------------------------------------------------------------
     def _collect_rpc(self, now: float) -> None:
-        for report in self.client.drain_health():
-            self.policy.health_checked(report.url, report.ok, report.queue, now)
-        for result in self.client.drain_results():
-            self.policy.finished(result.url, result.ok, now)
-            where = self._where.get(result.req_id)
-            d_token = self._awaiting_p_token.pop(result.req_id, None)
-            if result.first_token is not None:  # P's answer may come after the KV, even after D
-                if where is not None:           # finished the request
-                    where["p_first_token"] = result.first_token
-                elif d_token is not None:
-                    self._compare_first_tokens(result.req_id, result.first_token, d_token)
-            rec = self._remote.get(result.req_id)
-            if rec is None:
-                continue
-            if not result.ok:
-                log.warning("pdpush: %s: remote prefill on %s failed: %s",
-                            result.req_id, result.url, result.error)
-                self._where[result.req_id]["error"] = result.error
-                rec.give_up = rec.give_up or not result.may_have_written
+        # In the order they happened: an old failed outcome must not undo a newer good check.
+        events = [*self.client.drain_health(), *self.client.drain_results()]
+        for event in sorted(events, key=lambda e: e.at):
+            if isinstance(event, HealthReport):
+                self.policy.health_checked(event.url, event.ok, event.queue, now)
+            else:
+                self._on_result(event, now)
+
+    def _on_result(self, result: PrefillResult, now: float) -> None:
+        self.policy.finished(result.url, result.ok, now)
+        where = self._where.get(result.req_id)
+        d_token = self._awaiting_p_token.pop(result.req_id, None)
+        if result.first_token is not None:  # P's answer may come after the KV, even after D
+            if where is not None:           # finished the request
+                where["p_first_token"] = result.first_token
+            elif d_token is not None:
+                self._compare_first_tokens(result.req_id, result.first_token, d_token)
+        rec = self._remote.get(result.req_id)
+        if rec is None:
+            return
+        if not result.ok:
+            log.warning("pdpush: %s: remote prefill on %s failed: %s",
+                        result.req_id, result.url, result.error)
+            self._where[result.req_id]["error"] = result.error
+            rec.give_up = rec.give_up or not result.may_have_written
 
     def _check_first_token(self, req_id: str, where: dict[str, Any], output: list[int]) -> None:
         """Greedy: P's first token must equal D's; compared now or once P's answer arrives."""

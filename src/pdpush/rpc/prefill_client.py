@@ -44,6 +44,7 @@ class PrefillResult:
     # then D may reuse the blocks at once instead of waiting for the lease to end.
     may_have_written: bool = True
     elapsed_s: float = 0.0
+    at: float = field(default_factory=time.monotonic)  # when the outcome was known
 
 
 @dataclass
@@ -51,6 +52,7 @@ class HealthReport:
     url: str
     ok: bool
     queue: int = 0
+    at: float = field(default_factory=time.monotonic)  # when the check answered
 
 
 @dataclass
