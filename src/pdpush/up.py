@@ -20,7 +20,7 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="server logs (default out/logs)")
 
 
-def start_cluster(args: argparse.Namespace, **decode_opts):
+def start_cluster(args: argparse.Namespace):
     """Start and wait for a LocalCluster from the shared options, with a live status line."""
     from rich.console import Console
 
@@ -35,7 +35,7 @@ def start_cluster(args: argparse.Namespace, **decode_opts):
     if not (Path(model) / "config.json").exists():
         raise SystemExit(f"pdpush: {model} is not a model folder (no config.json)")
     cluster = LocalCluster(model, num_prefill=args.prefills, log_dir=args.log_dir,
-                           decode_opts={"remote_threshold_tokens": args.threshold, **decode_opts})
+                           decode_opts={"remote_threshold_tokens": args.threshold})
     started = time.monotonic()
     with console.status(f"starting {args.prefills} P + 1 D (logs in {args.log_dir})…"):
         try:
