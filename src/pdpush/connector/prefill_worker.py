@@ -21,7 +21,7 @@ from pdpush.connector.kv_region import LocalKV, RemoteKV
 from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTarget, PushTask
 from pdpush.rpc.json_server import get_json
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
-from pdpush.transfer.layout import byte_runs
+from pdpush.transfer.layout import RunPlan
 from pdpush.transfer.ordering import OrderedPoster
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
@@ -59,6 +59,8 @@ class PrefillWorker:
         self._peers: dict[tuple[str, str], RemoteKV] = {}
         self._out: dict[str, Outgoing] = {}
         self._tasks: list[PushTask] = []
+        self._plans: list[tuple[PushTask, RunPlan]] = []  # this step's, built once in bind()
+        self._layer_index: dict[str, int] = {}
         self._finished: set[str] = set()
         self._poster: OrderedPoster[WriteJob, tuple[WriteJob, Transfer | None, str]] = (
             OrderedPoster(self._post, name=f"pdpush-post-{rank}"))
@@ -66,6 +68,7 @@ class PrefillWorker:
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
         self._layouts = dict(zip(self.kv.layer_names, self.kv.layouts))
+        self._layer_index = {name: i for i, name in enumerate(self.kv.layer_names)}
         self.engine = TransferEngine(self.agent_name)
         self.kv.register(self.engine)
         log.info("pdpush P rank %d: %d layers registered", self.rank, len(self.kv.layer_names))
@@ -87,6 +90,25 @@ class PrefillWorker:
                 out.peer = self._connect(target, out)
             if not out.complete:
                 out.stopped = out.stopped or "P's request ended before its prompt was computed"
+        self._plans = [(task, plan) for task in self._tasks if (plan := self._plan(task)) is not None]
+
+    def _plan(self, task: PushTask) -> RunPlan | None:
+        """Every layer's byte runs for one task, built before the forward so that each
+        save_kv_layer only shifts them (a full mapping per layer costs ~150 µs of Python)."""
+        out = self._out[task.req_id]
+        if out.stopped or not task.p_block_ids or out.peer is None:
+            return None
+        names = self.kv.layer_names
+        try:
+            return RunPlan([self._layouts[n] for n in names], [out.peer.layouts[n] for n in names],
+                           task.p_block_ids, task.d_block_ids)
+        except (KeyError, ValueError) as exc:  # D's layout does not match: never crash P
+            self._stop_mapping(task.req_id, out, f"cannot map P's layers onto D: {exc}")
+            return None
+
+    def _stop_mapping(self, req_id: str, out: Outgoing, reason: str) -> None:
+        out.stopped = reason
+        log.error("pdpush: %s: %s", req_id, reason)
 
     def finish_writes(self, req_ids: list[str]) -> None:
         """Before the forward: wait out the WRITEs of preempted requests (blocks about to be
@@ -98,20 +120,18 @@ class PrefillWorker:
                 self._settled(req_id, out)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any) -> None:
-        if not self._tasks:
+        if not self._plans:
             return
         event = _layer_event(kv_layer)
-        mine = self._layouts[layer_name]
-        for task in self._tasks:
+        index = self._layer_index[layer_name]
+        for task, plan in self._plans:
             out = self._out[task.req_id]
-            if out.stopped or not task.p_block_ids or out.peer is None:
+            if out.stopped:
                 continue
             try:
-                runs = byte_runs(mine, out.peer.layouts[layer_name], task.p_block_ids,
-                                 task.d_block_ids)
-            except (KeyError, ValueError) as exc:  # D's layout does not match: never crash P
-                out.stopped = f"cannot map layer {layer_name} onto D: {exc}"
-                log.error("pdpush: %s: %s", task.req_id, out.stopped)
+                runs = plan.layer(index)
+            except ValueError as exc:  # a layer shaped unlike layer 0 that D cannot take
+                self._stop_mapping(task.req_id, out, f"cannot map layer {layer_name} onto D: {exc}")
                 continue
             self._poster.submit(event, WriteJob(task.req_id, out, runs))
 
@@ -125,7 +145,7 @@ class PrefillWorker:
             elif not job.out.stopped:
                 job.out.stopped = error
                 log.warning("pdpush: %s: stopped pushing to D: %s", job.req_id, error)
-        self._tasks = []
+        self._tasks, self._plans = [], []
 
     def get_finished(self, finished_req_ids: set[str]) -> set[str]:
         """Requests whose WRITEs all completed and whose notification went out, once finished."""
