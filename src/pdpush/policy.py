@@ -27,7 +27,6 @@ class PrefillPeer:
     inflight: int = 0  # do_prefill calls from this D not yet answered
     queue: int = 0  # P's own waiting requests, from its last health check
     down_until: float = 0.0  # not a candidate before this time
-    failures: int = 0  # consecutive failed outcomes or checks
     completed: int = 0
     failed: int = 0
 
@@ -84,7 +83,6 @@ class Policy:
         peer.inflight = max(0, peer.inflight - 1)
         if ok:
             peer.completed += 1
-            peer.failures = 0
         else:
             peer.failed += 1
             self._mark_down(peer, now)
@@ -94,13 +92,11 @@ class Policy:
         peer = self.peers[url]
         if ok:
             peer.queue = queue
-            peer.failures = 0
             peer.down_until = 0.0
         else:
             self._mark_down(peer, now)
 
     def _mark_down(self, peer: PrefillPeer, now: float) -> None:
-        peer.failures += 1
         peer.down_until = now + self.config.retry_after_s
 
     def healthy_count(self, now: float) -> int:

@@ -43,7 +43,6 @@ class PrefillResult:
     # False only when P certainly never started pushing (refused, rejected, bad params):
     # then D may reuse the blocks at once instead of waiting for the lease to end.
     may_have_written: bool = True
-    elapsed_s: float = 0.0
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
 
 
@@ -137,7 +136,6 @@ class PrefillClient:
         except httpx.HTTPError as exc:
             result.error = f"do_prefill to {job.url} failed: {exc!r}"
         finally:
-            result.elapsed_s = time.time() - start
             with self._lock:
                 self._calls.pop(job.req_id, None)
             self._results.put(result)

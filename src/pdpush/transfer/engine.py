@@ -116,7 +116,6 @@ class Transfer:
         self.peer = peer
         self.nbytes = nbytes
         self.ndesc = ndesc
-        self.posted_at = time.perf_counter()
         self.done_at: float | None = None
 
     @property
