@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from pdpush.bench.interference import check_args, round_plan
-from pdpush.bench.interference_load import LogTail
-from pdpush.bench.interference_plot import plot_latency, plot_rx, rx_per_second
-from pdpush.bench.interference_report import Protocol, Round
+from pdpush.bench.interference.cli import check_args, round_plan
+from pdpush.bench.interference.load import LogTail
+from pdpush.bench.interference.plot import plot_latency, plot_rx, rx_per_second
+from pdpush.bench.interference.report import Protocol, Round
 from pdpush.cli import build_parser, main
 
 
@@ -20,7 +20,7 @@ def test_defaults_are_the_seeds_protocol():
     args = parse()
     assert check_args(args) == [0.0, 1.0, 2.0, 3.0]
     assert (args.batch, args.max_tokens, args.load_from) == (64, 2000, 500)
-    assert (args.measure_from, args.measure_to, args.prompt_len, args.load_output) == (1500, 2000, 2000, 7)
+    assert (args.measure_from, args.measure_to, args.prompt_tokens, args.load_output) == (1500, 2000, 2000, 7)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
 def test_reanalyse_rewrites_the_reports_from_an_earlier_run(tmp_path, capsys):
     from test_interference_report import background_round, window
 
-    from pdpush.bench.interference import write_outputs
+    from pdpush.bench.interference.cli import write_outputs
 
     steps = background_round(0.0) + background_round(10.0, slowdown=0.05, first_step=100)
     (tmp_path / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pdpush.bench.interference_report import load_steps
+from pdpush.bench.interference.report import load_steps
 from pdpush.cli import main
 
 pytestmark = pytest.mark.e2e

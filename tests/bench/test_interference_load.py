@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from pdpush.bench.interference_load import Completions, LoadGenerator, RoundSpec
+from pdpush.bench.interference.load import Completions, LoadGenerator, RoundSpec
 
 OPEN_AT_ONCE = 150  # background batch + parked load requests; httpx's default pool stops at 100
 
@@ -86,7 +86,7 @@ def test_load_is_counted_by_where_it_was_prefilled():
 def test_load_prompts_never_repeat_the_warm_up_prompts(seed):
     import random
 
-    from pdpush.bench.interference_load import random_prompt
+    from pdpush.bench.interference.load import random_prompt
 
     load = LoadGenerator(None, RoundSpec(prompt_len=16), qps=1.0, seed=seed)
     warm = {tuple(random_prompt(random.Random(f"warm-up {a}"), 16)) for a in range(1, 4)}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pdpush.bench.interference_report import (
+from pdpush.bench.interference.report import (
     Protocol,
     Round,
     build_report,

@@ -23,8 +23,8 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
-from pdpush.bench.interference_scheduler import HoldScheduler  # noqa: E402
-from pdpush.tinymodel import ensure_tiny_model  # noqa: E402
+from pdpush.bench.interference.scheduler import HoldScheduler  # noqa: E402
+from pdpush.local.tinymodel import ensure_tiny_model  # noqa: E402
 
 BLOCK = 16
 asked: list[str] = []

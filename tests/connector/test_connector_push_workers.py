@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nixl")
 
-from pdpush.cluster import free_port  # noqa: E402
+from pdpush.local.cluster import free_port  # noqa: E402
 from pdpush.connector.config import PdpushConfig  # noqa: E402
 from pdpush.connector.decode_worker import DecodeWorker  # noqa: E402
 from pdpush.connector.metadata import (  # noqa: E402

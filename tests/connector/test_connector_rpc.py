@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pdpush.cluster import free_port
+from pdpush.local.cluster import free_port
 from pdpush.rpc.prefill_client import PrefillClient, PrefillJob
 
 

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from pdpush.client import complete, prompt_tokens_served
+from pdpush.local.client import complete, prompt_tokens_served
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pdpush.cluster import ServerError, VllmServer
+from pdpush.local.cluster import ServerError, VllmServer
 
 # Serves /health and starts a grandchild, like vLLM's api_server starting its engine core.
 HEALTHY = textwrap.dedent("""

@@ -29,4 +29,4 @@ def test_summary_without_local_has_no_ratio():
 
 def test_unknown_path_is_rejected_before_starting_anything(capsys):
     assert main(["bench", "serving", "--paths", "pdpush,teleport"]) == 2
-    assert "teleport" in capsys.readouterr().out
+    assert "teleport" in capsys.readouterr().err

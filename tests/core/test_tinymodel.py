@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pdpush.tinymodel import EOS_ID, TinySpec, ensure_tiny_model
+from pdpush.local.tinymodel import EOS_ID, TinySpec, ensure_tiny_model
 
 SMALL = TinySpec(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, vocab_size=300, max_position_embeddings=128)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pdpush.tinymodel import ensure_tiny_model
+from pdpush.local.tinymodel import ensure_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from pdpush.cluster import VllmServer
+from pdpush.local.cluster import VllmServer
 
 LOG_DIR = Path("out/logs/e2e")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from e2e_helpers import LOG_DIR
 
-from pdpush.cluster import ServerError, VllmServer, free_port
+from pdpush.local.cluster import ServerError, VllmServer, free_port
 from pdpush.connector.config import CONNECTOR_NAME, MODULE_PATH
 
 pytestmark = pytest.mark.e2e

@@ -20,7 +20,7 @@ from e2e_helpers import (
     LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks, where,
 )
 
-from pdpush.cluster import VllmServer, free_port
+from pdpush.local.cluster import VllmServer, free_port
 from pdpush.connector.config import decode_kv_config, prefill_kv_config
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ from e2e_helpers import (
     LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks, where,
 )
 
-from pdpush.cluster import LocalCluster, free_port
+from pdpush.local.cluster import LocalCluster, free_port
 
 pytestmark = pytest.mark.e2e
 MAX_TOKENS = 8

@@ -2,7 +2,7 @@
 
 import json
 
-from pdpush.bench.rdma_sample import kernel_reply
+from pdpush.bench.rdma import kernel_reply
 from pdpush.cli import main
 from pdpush.rdma.messages import NldevMessage, hw_counters
 

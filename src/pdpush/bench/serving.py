@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pdpush.command import UsageError, positive_int
+
 PATHS = ("pdpush", "local", "nixl-pull", "nixl-push")
 # A request that takes longer has hung on this tiny model; the path is reported failed.
 REQUEST_TIMEOUT_S = 120.0
@@ -34,8 +36,8 @@ def make_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
 
 @contextmanager
 def pdpush_path(model: Path, log_dir: Path) -> Iterator[Callable]:
-    from pdpush.client import complete
-    from pdpush.cluster import LocalCluster
+    from pdpush.local.client import complete
+    from pdpush.local.cluster import LocalCluster
 
     with LocalCluster(model, log_dir=log_dir / "pdpush") as cluster, _client() as client:
         yield lambda prompt: complete(client, cluster.decode.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S).ttft_s
@@ -43,8 +45,8 @@ def pdpush_path(model: Path, log_dir: Path) -> Iterator[Callable]:
 
 @contextmanager
 def local_path(model: Path, log_dir: Path) -> Iterator[Callable]:
-    from pdpush.client import complete
-    from pdpush.cluster import VllmServer
+    from pdpush.local.client import complete
+    from pdpush.local.cluster import VllmServer
 
     with VllmServer("local", model, cpu_core=0, log_dir=log_dir) as server, _client() as client:
         yield lambda prompt: complete(client, server.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S).ttft_s
@@ -55,8 +57,8 @@ def nixl_path(connector: str) -> Callable:
 
     @contextmanager
     def path(model: Path, log_dir: Path) -> Iterator[Callable]:
-        from pdpush.client import complete
-        from pdpush.cluster import VllmServer, free_port
+        from pdpush.local.client import complete
+        from pdpush.local.cluster import VllmServer, free_port
 
         def server(name: str, role: str, core: int, extra: list[str]) -> VllmServer:
             config = {"kv_connector": connector, "kv_role": role, "kv_buffer_device": "cpu"}
@@ -119,7 +121,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="local model folder (default: the tiny built-in model)")
     parser.add_argument("--paths", default=",".join(PATHS), help=f"comma list from {','.join(PATHS)}")
     parser.add_argument("--prompt-tokens", type=int, default=2000, help="prompt length (default 2000)")
-    parser.add_argument("--repeats", type=int, default=5, help="prompts per path (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed prompts per path (default 5)")
     parser.add_argument("--out", type=Path, default=Path("out/bench-serving"), help="JSON report and logs")
 
 
@@ -128,14 +130,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pdpush.cluster import ServerError
-    from pdpush.tinymodel import ensure_tiny_model
+    from pdpush.local.cluster import ServerError
+    from pdpush.local.tinymodel import ensure_tiny_model
 
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     bad = [p for p in paths if p not in PATHS]
-    if bad or args.repeats < 1 or args.prompt_tokens < 2:
-        print(f"pdpush bench serving: bad --paths {bad} (known {PATHS}) or --repeats/--prompt-tokens")
-        return 2
+    if bad:
+        raise UsageError(f"unknown --paths {', '.join(bad)}; choose from {', '.join(PATHS)}")
+    if args.prompt_tokens < 2:
+        raise UsageError("--prompt-tokens must be at least 2")
     model = args.model or ensure_tiny_model()
     warmup, *prompts = make_prompts(args.repeats + 1, args.prompt_tokens)
     console, ttfts, failed = Console(stderr=True), {}, {}

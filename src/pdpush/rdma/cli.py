@@ -196,6 +196,6 @@ def _serve(reader: RdmaCounterReader, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # `python -m pdpush.rdma.cli`: imports no other pdpush command
-    standalone = argparse.ArgumentParser(prog="rdma-stat", description=__doc__)
-    configure(standalone)
-    sys.exit(run(standalone.parse_args()))
+    from pdpush.cli import main
+
+    sys.exit(main(["rdma-stat", *sys.argv[1:]]))

@@ -12,6 +12,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from pdpush.command import RunError, UsageError, renamed
+
 PHASES = ("correctness", "ordering", "bandwidth", "pipeline", "interference")
 SHAPE_NAMES = ("qwen2-7b", "qwen2-72b-tp4", "tiny")
 
@@ -29,8 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated KV shapes (default: qwen2-7b,qwen2-72b-tp4 on "
                              "cuda, tiny on cpu)")
     parser.add_argument("--trials", type=int, default=None, help="verified pushes per shape")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="repetitions of the interference sweep (run-to-run spread)")
+    renamed(parser, "--repeats", "--reps", type=int, default=None,
+            help="repetitions of the interference sweep (run-to-run spread)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per window")
     parser.add_argument("--mean-run", type=float, default=6.0,
                         help="mean length of consecutive-block stretches in block tables")
@@ -68,11 +70,11 @@ def build_config(args: argparse.Namespace):
         unknown = [s for s in cfg.shapes if s not in SHAPE_NAMES]
         if unknown:
             raise ValueError(f"unknown shape(s) {unknown}; choose from {SHAPE_NAMES}")
-    for name in ("trials", "reps", "steps"):
-        if getattr(args, name) is not None:
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be at least 1")
-            setattr(cfg, name, getattr(args, name))
+    for option, field in (("trials", "trials"), ("repeats", "reps"), ("steps", "steps")):
+        if getattr(args, option) is not None:
+            if getattr(args, option) < 1:
+                raise ValueError(f"--{option} must be at least 1")
+            setattr(cfg, field, getattr(args, option))
     cfg.phases, cfg.mean_run, cfg.seed = phases, args.mean_run, args.seed
     bad = [kv for kv in args.ucx_param if "=" not in kv]
     if bad or args.ucx_threads < 0 or args.layer_ms < 0 or args.post_threads < 1:
@@ -84,30 +86,25 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    log = logging.getLogger("pdpush.bench.gpu")
     try:
         cfg = build_config(args)
     except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+        raise UsageError(str(exc)) from None
     if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            log.error("no CUDA device here; use --device cpu for the host-memory run")
-            return 2
+            raise UsageError("no CUDA device here; use --device cpu for the host-memory run")
         count = torch.cuda.device_count()
         if max(cfg.p_gpu, cfg.d_gpu) >= count:
-            log.error("--p-gpu/--d-gpu must be below the %d visible GPU(s)", count)
-            return 2
+            raise UsageError(f"--p-gpu/--d-gpu must be below the {count} visible GPU(s)")
     from pdpush.bench.gpu.report import markdown
     from pdpush.bench.gpu.suite import WorkerError, run_suite
 
     try:
         results = run_suite(cfg, args.out)
     except WorkerError as exc:
-        log.error("%s", exc)
-        return 1
+        raise RunError(str(exc)) from exc
     print(markdown(results["summary"]))
-    log.info("results in %s", args.out)
+    logging.getLogger("pdpush.bench.gpu").info("results in %s", args.out)
     return 0

@@ -1,5 +1,6 @@
-"""Turn the suite's raw results into the figures the issue asks for: a summary (GB/s, ratios,
-posting overhead, ordering counts), the seed-style DecodeLatency table, and the slowdown plot.
+"""Turn the suite's raw results into its figures: a summary (GB/s, ratios, posting overhead,
+ordering counts), the DecodeLatency table in the form of the design document the project came from
+(docs/architecture.md, "Origin"), and the slowdown plot.
 
 Bandwidth modes (all move the same bytes of one 2000-token prompt, fragmented block tables):
   layerwise         the layers through P's transfer thread, as `push` posts them: coalesced

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from pdpush.up import add_cluster_args, start_cluster
+from pdpush.command import RunError, positive_int
+from pdpush.local.up import add_cluster_args, start_cluster
 
 
 def demo_prompts(threshold: int) -> list[tuple[str, str]]:
@@ -28,13 +29,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_cluster_args(parser)
     parser.add_argument("--d-url", help="use a running D instead of starting a cluster")
     parser.add_argument("--p-url", action="append", default=[], help="with --d-url: a P to attribute prefills to")
-    parser.add_argument("--max-tokens", type=int, default=16, help="output tokens per request (default 16)")
+    parser.add_argument("--max-tokens", type=positive_int, default=16, help="output tokens per request (default 16)")
 
 
 def run(args: argparse.Namespace) -> int:
     import httpx
+    from rich.console import Console
 
-    from pdpush.cluster import ServerError
+    from pdpush.local.cluster import ServerError
 
     cluster = None
     try:
@@ -43,21 +45,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             cluster = start_cluster(args)
             d_url, p_urls = cluster.decode.url, [p.url for p in cluster.prefills]
+        prompts = demo_prompts(args.threshold)
+        Console(stderr=True).print(f"sending {len(prompts)} requests to D at {d_url}")
         with httpx.Client() as client:
-            rows = [_one(client, d_url, p_urls, label, prompt, args.max_tokens)
-                    for label, prompt in demo_prompts(args.threshold)]
+            rows = [_one(client, d_url, p_urls, label, prompt, args.max_tokens) for label, prompt in prompts]
         _print_table(rows)
         return 0
-    except (ServerError, httpx.HTTPError) as exc:
-        print(f"pdpush demo: {exc}")
-        return 1
+    except (ServerError, httpx.HTTPError, RuntimeError) as exc:
+        raise RunError(str(exc)) from exc
     finally:
         if cluster:
             cluster.stop()
 
 
 def _one(client, d_url: str, p_urls: list[str], label: str, prompt: str, max_tokens: int) -> dict:
-    from pdpush.client import complete
+    from pdpush.local.client import complete
 
     before = _prefill_counts(client, p_urls)
     result = complete(client, d_url, prompt, max_tokens=max_tokens)
@@ -66,7 +68,7 @@ def _one(client, d_url: str, p_urls: list[str], label: str, prompt: str, max_tok
 
 
 def _prefill_counts(client, p_urls: list[str]) -> list[float]:
-    from pdpush.client import prompt_tokens_served
+    from pdpush.local.client import prompt_tokens_served
 
     return [prompt_tokens_served(client, u) for u in p_urls]
 

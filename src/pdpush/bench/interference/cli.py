@@ -1,15 +1,16 @@
-"""Does P's push into D slow D's decode? The seed's interference experiment, per QPS.
+"""Does P's push into D slow D's decode? The interference experiment of the design document the
+project came from (docs/architecture.md, "Origin"), per QPS, with its default settings.
 
 A background batch of B one-token requests (prefilled on D) decodes to --max-tokens with
-ignore_eos; once it reaches context --load-from, requests of --prompt-len tokens and
+ignore_eos; once it reaches context --load-from, requests of --prompt-tokens tokens and
 --load-output output tokens arrive at a fixed QPS. D's policy prefills them on P, which writes
 their KV into D; D keeps them parked while the background batch runs (see
-pdpush.bench.interference_scheduler), so only the inbound writes touch D. DecodeLatency is D's step
+pdpush.bench.interference.scheduler), so only the inbound writes touch D. DecodeLatency is D's step
 latency over contexts --measure-from..--measure-to, from D's step probe; the report gives min, max
 and avg relative to QPS 0, a repeat of QPS 0 as the noise floor, RX traffic, and the probe's own
-cost. Starts its own 1P1D (tiny model unless --model) or uses --decode-url with --probe-log; such
+cost. Starts its own 1P1D (tiny model unless --model) or uses --d-url with --probe-log; such
 a D needs the pdpush connector with `probe_log` (and `probe_ab_steps` for the cost figure) in its
-kv_connector_extra_config, and `--scheduler-cls pdpush.bench.interference_scheduler.HoldScheduler
+kv_connector_extra_config, and `--scheduler-cls pdpush.bench.interference.scheduler.HoldScheduler
 --additional-config '{"pdpush_hold_running": B}'` with --max-num-seqs above B.
 """
 
@@ -22,17 +23,17 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from pdpush.bench.interference_load import Completions, LogTail, RoundSpec, random_prompt, run_round
-from pdpush.bench.interference_report import Protocol, Round, build_report, load_steps, markdown
+from pdpush.bench.interference.load import Completions, LogTail, RoundSpec, random_prompt, run_round
+from pdpush.bench.interference.report import Protocol, Round, build_report, load_steps, markdown
+from pdpush.command import RunError, UsageError, renamed
 
 log = logging.getLogger(__name__)
-SCHEDULER = "pdpush.bench.interference_scheduler.HoldScheduler"
+SCHEDULER = "pdpush.bench.interference.scheduler.HoldScheduler"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p("--load-from", type=int, default=500, help="context at which the load starts (default 500)")
     p("--measure-from", type=int, default=1500, help="first measured context (default 1500)")
     p("--measure-to", type=int, default=2000, help="last measured context (default 2000)")
-    p("--prompt-len", type=int, default=2000, help="load request prompt tokens (default 2000)")
+    renamed(parser, "--prompt-tokens", "--prompt-len", type=int, default=2000,
+            help="load request prompt tokens (default 2000)")
     p("--load-output", type=int, default=7, help="load request output tokens (default 7)")
     p("--probe-ab-steps", type=int, default=32,
       help="probe A/B window in steps, for the probe-cost figure; 0 = probe always on (default 32)")
@@ -53,8 +55,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p("--kv-cache-gib", type=int, default=2, help="D's CPU KV cache in GiB (default 2)")
     p("--prefill-batched-tokens", type=int, default=2048,
       help="P's max_num_batched_tokens: the chunk P prefills and pushes per step (default 2048)")
-    p("--decode-url", help="use this running D instead of starting 1P1D (needs --probe-log)")
-    p("--probe-log", type=Path, help="with --decode-url: D's probe_log file, readable here")
+    renamed(parser, "--d-url", "--decode-url", help="use this running D instead of starting 1P1D (needs --probe-log)")
+    p("--probe-log", type=Path, help="with --d-url: D's probe_log file, readable here")
     p("--seed", type=int, default=0, help="seed of the load prompts")
     p("--reanalyse", action="store_true",
       help="no engines: redo the reports and plots in --out from its report.json rounds and "
@@ -74,11 +76,11 @@ def check_args(args: argparse.Namespace) -> list[float]:
         (args.repeat_baseline >= 0, "--repeat-baseline must be >= 0"),
         (1 <= args.load_from < args.measure_from < args.measure_to <= args.max_tokens + 1,
          "need 1 <= --load-from < --measure-from < --measure-to <= --max-tokens + 1"),
-        (args.prompt_len >= 2 and args.load_output >= 1, "need --prompt-len >= 2, --load-output >= 1"),
+        (args.prompt_tokens >= 2 and args.load_output >= 1, "need --prompt-tokens >= 2, --load-output >= 1"),
         (args.probe_ab_steps >= 0, "--probe-ab-steps must be >= 0"),
         (args.kv_cache_gib >= 1 and args.prefill_batched_tokens >= 1, "sizes must be >= 1"),
-        (bool(args.decode_url) == bool(args.probe_log) or args.reanalyse,
-         "--decode-url and --probe-log go together"),
+        (bool(args.d_url) == bool(args.probe_log) or args.reanalyse,
+         "--d-url and --probe-log go together"),
     ]  # fmt: skip
     for ok, message in rules:
         if not ok:
@@ -96,19 +98,19 @@ def round_plan(qps: list[float], repeat_baseline: int) -> list[tuple[str, float]
 @contextlib.contextmanager
 def one_p_one_d(args: argparse.Namespace, probe_log: Path) -> Iterator[str]:
     """Start P and D (one CPU core each), yield D's URL, stop both however the block ends."""
-    from pdpush.cluster import VllmServer, free_port
+    from pdpush.local.cluster import VllmServer, free_port
     from pdpush.connector.config import decode_kv_config, prefill_kv_config
-    from pdpush.tinymodel import ensure_tiny_model
+    from pdpush.local.tinymodel import ensure_tiny_model
 
     model = args.model or ensure_tiny_model()
-    max_len = max(args.max_tokens + 1, args.prompt_len + args.load_output) + 16
+    max_len = max(args.max_tokens + 1, args.prompt_tokens + args.load_output) + 16
     logs = args.out / "logs"
     chunk = ["--max-num-batched-tokens", str(args.prefill_batched_tokens)]
     prefill = VllmServer("prefill", model, kv_transfer_config=prefill_kv_config(), cpu_core=1,
                          log_dir=logs, max_model_len=max_len, extra_args=chunk)  # fmt: skip
     probe = {"probe_log": str(probe_log), "probe_ab_steps": args.probe_ab_steps}
     # The protocol sends every long prompt to P: no "P busy" fallback to a local prefill on D.
-    d_config = decode_kv_config([prefill.url], remote_threshold_tokens=min(256, args.prompt_len),
+    d_config = decode_kv_config([prefill.url], remote_threshold_tokens=min(256, args.prompt_tokens),
                                 max_inflight_per_prefill=10**6, max_prefill_queue=10**6,
                                 side_channel_port=free_port(), **probe)  # fmt: skip
     decode = VllmServer(
@@ -171,7 +173,7 @@ async def run_rounds(url: str, probe_log: Path, spec: RoundSpec, plan, seed: int
 
 
 def write_outputs(out: Path, probe_log: Path, rounds: list[Round], proto: Protocol, meta: dict) -> dict:
-    from pdpush.bench.interference_plot import plot_latency, plot_rx
+    from pdpush.bench.interference.plot import plot_latency, plot_rx
 
     steps = load_steps(probe_log)
     report = build_report(steps, rounds, proto, meta)
@@ -190,40 +192,36 @@ def reanalyse(out: Path, probe_log: Path, proto: Protocol) -> int:
         rounds = [Round(**{k: r[k] for k in fields}) for r in earlier["rounds"]]
         report = write_outputs(out, probe_log, rounds, proto, earlier.get("meta") or {})
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"pdpush bench interference: cannot reanalyse {out}: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot reanalyse {out}: {exc}") from None
     print(markdown(report))
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would bury the bar
     try:
         qps = check_args(args)
     except ValueError as exc:
-        print(f"pdpush bench interference: {exc}", file=sys.stderr)
-        return 2
-    spec = RoundSpec(args.batch, args.max_tokens, args.load_from, args.prompt_len, args.load_output)
+        raise UsageError(str(exc)) from None
+    spec = RoundSpec(args.batch, args.max_tokens, args.load_from, args.prompt_tokens, args.load_output)
     proto = Protocol(args.batch, args.measure_from, args.measure_to)
     if args.reanalyse:
         return reanalyse(args.out, args.probe_log or args.out / "steps.jsonl", proto)
     args.out.mkdir(parents=True, exist_ok=True)
     probe_log = args.probe_log or args.out / "steps.jsonl"
-    if not args.decode_url:
+    if not args.d_url:
         probe_log.unlink(missing_ok=True)
     plan = round_plan(qps, args.repeat_baseline)
     options = {k: str(v) for k, v in vars(args).items() if not k.startswith("_")}
     meta = {"options": options, "cpus": os.cpu_count(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "spec": asdict(spec)}
-    servers = contextlib.nullcontext(args.decode_url) if args.decode_url else one_p_one_d(args, probe_log)
+    servers = contextlib.nullcontext(args.d_url) if args.d_url else one_p_one_d(args, probe_log)
     try:
         with servers as url:
             rounds = asyncio.run(run_rounds(url, probe_log, spec, plan, args.seed))
     except Exception as exc:  # noqa: BLE001 - one line for the user, the details with -v
         log.debug("interference run failed", exc_info=True)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"pdpush bench interference: {first} (server logs: {args.out / 'logs'})", file=sys.stderr)
-        return 1
+        raise RunError(f"{first} (server logs: {args.out / 'logs'})") from exc
     report = write_outputs(args.out, probe_log, rounds, proto, meta)
     print(markdown(report))
     print(f"reports and plots in {args.out}/")

@@ -5,18 +5,19 @@ Why a subclass (loaded with `--scheduler-cls`, no patch): in vLLM 0.32 `Schedule
 connector about a waiting request (`get_num_new_matched_tokens`, where pdpush decides remote and
 sends do_prefill) only inside the waiting loop, and that loop stops first when
 `len(running) >= max_num_active_seqs` or when the token budget (`max_num_scheduled_tokens`) is
-spent. So capping the batch with either setting (the seed set max_num_scheduled_tokens = B) also
-stops every do_prefill. With this class the two caps stay above B (no new request is refused a
-look) and the cap moves to the one point where a request with its KV already received would join
-the batch: while B or more requests run, such a request stays parked in WAITING_FOR_REMOTE_KVS and
-costs the worker nothing. When the background batch finishes, the parked requests run.
+spent. So capping the batch with either setting (the design document the project came from,
+docs/architecture.md "Origin", set max_num_scheduled_tokens = B) also stops every do_prefill.
+With this class the two caps stay above B (no new request is refused a look) and the cap moves to
+the one point where a request with its KV already received would join the batch: while B or more
+requests run, such a request stays parked in WAITING_FOR_REMOTE_KVS and costs the worker nothing.
+When the background batch finishes, the parked requests run.
 
-It also starts the background batch together, as the seed did by adding its B requests at once:
-while nothing runs and fewer than B requests wait, none is admitted (for at most
+It also starts the background batch together, as the design document did by adding its B requests
+at once: while nothing runs and fewer than B requests wait, none is admitted (for at most
 `pdpush_gather_s`, default 5 s). A CPU-starved API server otherwise hands them over one by one
 and the batch never runs at full size.
 
-Settings on D: `--scheduler-cls pdpush.bench.interference_scheduler.HoldScheduler
+Settings on D: `--scheduler-cls pdpush.bench.interference.scheduler.HoldScheduler
 --additional-config '{"pdpush_hold_running": B}'` (optionally "pdpush_gather_s"), with max_num_seqs > B and
 max_num_batched_tokens > B. A request the policy keeps local still joins (the probe shows it as
 a step with more than B requests; the report leaves such steps out and counts them).

@@ -10,11 +10,13 @@ import argparse
 import time
 from pathlib import Path
 
+from pdpush.command import RunError, UsageError, positive_int
+
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that starts a local cluster."""
     parser.add_argument("--model", type=Path, help="local model folder (default: the tiny built-in model)")
-    parser.add_argument("--prefills", type=int, default=1, metavar="N", help="number of P instances (default 1)")
+    parser.add_argument("--prefills", type=positive_int, default=1, metavar="N", help="number of P instances (default 1)")
     parser.add_argument("--threshold", type=int, default=256, metavar="TOKENS",
                         help="prefill remotely when at least this many prompt tokens miss D's cache (default 256)")
     parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="server logs (default out/logs)")
@@ -24,20 +26,19 @@ def start_cluster(args: argparse.Namespace):
     """Start and wait for a LocalCluster from the shared options, with a live status line."""
     from rich.console import Console
 
-    from pdpush.cluster import LocalCluster
-    from pdpush.tinymodel import ensure_tiny_model
+    from pdpush.local.cluster import LocalCluster
+    from pdpush.local.tinymodel import ensure_tiny_model
 
-    if args.prefills < 1:
-        raise SystemExit("pdpush: --prefills must be at least 1")
     console = Console(stderr=True)
     with console.status("preparing the model…"):
         model = args.model or ensure_tiny_model()
     if not (Path(model) / "config.json").exists():
-        raise SystemExit(f"pdpush: {model} is not a model folder (no config.json)")
+        raise UsageError(f"{model} is not a model folder (no config.json)")
     cluster = LocalCluster(model, num_prefill=args.prefills, log_dir=args.log_dir,
                            decode_opts={"remote_threshold_tokens": args.threshold})
     started = time.monotonic()
-    with console.status(f"starting {args.prefills} P + 1 D (logs in {args.log_dir})…"):
+    console.print(f"starting {args.prefills} P + 1 D (vLLM logs in {args.log_dir}/)")
+    with console.status("waiting until every server answers /health…"):
         try:
             cluster.start()
             cluster.wait_healthy()
@@ -53,13 +54,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdpush.cluster import ServerError
+    from pdpush.local.cluster import ServerError
 
     try:
         cluster = start_cluster(args)
     except ServerError as exc:
-        print(f"pdpush up: {exc}")
-        return 1
+        raise RunError(str(exc)) from exc
     try:
         for p in cluster.prefills:
             print(f"P {p.name}: {p.url}  (log {p.log_path})")
@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print("Ctrl-C stops every server.")
         while all(s.alive() for s in cluster.servers):
             time.sleep(1.0)
-        print("pdpush up: a server exited; see its log. Stopping the rest.")
-        return 1
+        raise RunError("a server exited; see its log. Stopped the rest.")
     except KeyboardInterrupt:
         return 0
     finally:

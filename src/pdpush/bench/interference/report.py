@@ -1,5 +1,6 @@
 """The interference experiment's arithmetic: from the probe's step records and the rounds' time
-windows to DecodeLatency per round, the seed's relative table, RX traffic and the probe's own cost.
+windows to DecodeLatency per round, the relative table of the design document the project came
+from (docs/architecture.md, "Origin"), RX traffic and the probe's own cost.
 
 Pure functions over plain dicts (the probe's JSON lines), so the math is tested on synthetic records.
 """
@@ -84,7 +85,7 @@ def decode_latency(steps: list[Step], proto: Protocol, mode: str = "full") -> La
 
 
 def relative(stats: LatencyStats, base: LatencyStats) -> dict[str, float]:
-    """The seed's figures: (x - x at QPS 0) / (x at QPS 0) for min, max, avg."""
+    """The design document's figures: (x - x at QPS 0) / (x at QPS 0) for min, max, avg."""
     return {
         key: (getattr(stats, f"{key}_ms") - getattr(base, f"{key}_ms")) / getattr(base, f"{key}_ms")
         for key in ("min", "max", "avg")
@@ -233,7 +234,7 @@ def warnings(report: dict[str, Any]) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The seed's table (relative to the baseline), the absolute figures per round, probe cost."""
+    """The design document's table (relative to QPS 0), the absolute figures per round, probe cost."""
     proto = report["protocol"]
     labels = list(report["relative"])
     lines = [

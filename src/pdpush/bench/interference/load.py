@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from pdpush.bench.interference_report import Round
+from pdpush.bench.interference.report import Round
 
 BACKGROUND_TOKEN = 65  # any ordinary token: the background prompt is this one token
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdpush.bench.interference_report import Protocol, Round, Step, in_round, is_background_only
+from pdpush.bench.interference.report import Protocol, Round, Step, in_round, is_background_only
 
 
 def _pyplot():

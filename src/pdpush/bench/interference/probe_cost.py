@@ -1,5 +1,5 @@
 """Host time the step probe adds to one step, next to the same loop without it:
-`python -m pdpush.bench.interference_probe_cost [steps]`. On a GPU each step launches one tiny
+`python -m pdpush.bench.interference.probe_cost [steps]`. On a GPU each step launches one tiny
 kernel, so the CUDA events have work to bracket and nothing waits for the GPU; on the CPU it uses
 the perf_counter timer. (The in-engine A/B figure comes from `pdpush bench interference`.)"""
 

@@ -2,9 +2,10 @@
 
 A separate local process plays the kernel: it answers each request on an AF_UNIX datagram
 socket with a kernel-format STAT_GET reply (COUNTERS u64 counters, the request's sequence
-number patched in). Side by side: pdpush's sync and async clients on a persistent socket, the
-seed's way (pyroute2 AsyncNetlinkSocket + NetlinkRequest, same message classes), the decode
-alone, and the bare datagram round trip as the floor. --real-kernel adds the round trip of an
+number patched in). Side by side: pdpush's sync and async clients on a persistent socket; the
+way of the design document the project came from (docs/architecture.md, "Origin"), pyroute2's
+AsyncNetlinkSocket + NetlinkRequest with the same message classes; the decode alone; and the bare
+datagram round trip as the floor. --real-kernel adds the round trip of an
 (empty when there are no devices) RDMA_NLDEV_CMD_GET dump against this machine's kernel.
 This is a benchmark, not a test: it prints numbers and asserts nothing about them."""
 
@@ -17,18 +18,20 @@ import multiprocessing
 import socket
 import statistics
 import struct
+import sys
 import time
 from contextlib import contextmanager
 from typing import Awaitable, Callable
 
+from pdpush.command import positive_int
 from pdpush.rdma.errors import RdmaError
 
 DEV, PORT = 0, 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--counters", type=int, default=50, help="counters per reply (default 50)")
-    parser.add_argument("--samples", type=int, default=2000,
+    parser.add_argument("--counters", type=positive_int, default=50, help="counters per reply (default 50)")
+    parser.add_argument("--samples", type=positive_int, default=2000,
                         help="timed samples per path (default 2000)")
     parser.add_argument("--real-kernel", action="store_true",
                         help="also time a GET dump round trip against this kernel's NETLINK_RDMA")
@@ -145,7 +148,7 @@ def bench_pdpush_async(reply: bytearray, samples: int) -> dict[str, float]:
 
 
 def bench_pyroute2_socket(reply: bytearray, samples: int) -> dict[str, float]:
-    """The seed's approach: pyroute2's AsyncNetlinkSocket and NetlinkRequest per sample."""
+    """The design document's approach: pyroute2's AsyncNetlinkSocket and NetlinkRequest per sample."""
     from pyroute2.netlink import NLM_F_REQUEST
     from pyroute2.netlink.nlsocket import AsyncNetlinkSocket, NetlinkRequest
 
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "datagram round trip only (floor)": bench_floor,
         "pdpush RdmaNetlink.stat (sync)": bench_pdpush_sync,
         "pdpush AsyncRdmaNetlink.stat": bench_pdpush_async,
-        "pyroute2 AsyncNetlinkSocket request (seed)": bench_pyroute2_socket,
+        "pyroute2 AsyncNetlinkSocket request": bench_pyroute2_socket,
         "decode only, no I/O": bench_decode,
     }
     results = {}
@@ -218,9 +221,7 @@ def _print_table(results: dict, args: argparse.Namespace, reply_bytes: int) -> N
         print(f"{name:<44}{cells}{r['p50_us'] / base:>14.2f}")
 
 
-if __name__ == "__main__":  # `python -m pdpush.bench.rdma_sample`: imports no other pdpush command
-    import sys
+if __name__ == "__main__":  # `python -m pdpush.bench.rdma`: imports no other pdpush command
+    from pdpush.cli import main
 
-    standalone = argparse.ArgumentParser(prog="bench-rdma", description=__doc__)
-    configure(standalone)
-    sys.exit(run(standalone.parse_args()))
+    sys.exit(main(["bench", "rdma", *sys.argv[1:]]))
