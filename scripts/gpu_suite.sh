@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU data-plane suite (issue 5) on a fresh GPU machine, in one command:
-#   scripts/gpu_suite.sh [pdpush bench-gpu flags, e.g. --p-gpu 0 --d-gpu 1]
+# The whole GPU data-plane suite (`pdpush bench gpu`) on a fresh GPU machine, in one command:
+#   scripts/gpu_suite.sh [pdpush bench gpu flags, e.g. --p-gpu 0 --d-gpu 1]
 # Needs the carried wheels in .whl/ (nixl-cu13 and nixl for cp312, pyroute2); writes
 # results.json, report.md, interference.png, suite.log, env.txt, variants.md (+ .tgz) and the
 # rdma-stat output to $OUT (default out/gpu).
@@ -18,7 +18,7 @@ export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
   python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)'
   uname -r
 } > "$out/env.txt" 2>&1
-python3 -m pdpush.cli bench-gpu --out "$out" "$@" 2>&1 | grep -v "NIXL INFO" | tee "$out/suite.log"
+python3 -m pdpush.cli bench gpu --out "$out" "$@" 2>&1 | grep -v "NIXL INFO" | tee "$out/suite.log"
 rc=${PIPESTATUS[0]}
 # What made the difference: the bandwidth and pipeline phases again under each posting setting
 # (layer batching, NIXL UCX thread pool and its split batch, transfer threads); SWEEP=0 skips it.
@@ -33,7 +33,7 @@ if [ "${SWEEP:-1}" = 1 ]; then
            "ucx4-b8-post2:--ucx-threads 4 --ucx-param split_batch_size=8 --post-threads 2"; do
     name=${v%%:*}
     # shellcheck disable=SC2086  # the flags are meant to split
-    python3 -m pdpush.cli -q bench-gpu --out "/tmp/sweep/$name" --phases bandwidth,pipeline \
+    python3 -m pdpush.cli -q bench gpu --out "/tmp/sweep/$name" --phases bandwidth,pipeline \
       ${v#*:} > "/tmp/sweep/$name.log" 2>&1
     echo "## variant $name (${v#*:}) exit $?" >> "$out/variants.md"
     cat "/tmp/sweep/$name/report.md" >> "$out/variants.md" 2>/dev/null

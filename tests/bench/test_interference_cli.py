@@ -16,7 +16,7 @@ def parse(*argv):
     return build_parser(argv).parse_args(argv)
 
 
-def test_defaults_are_the_seeds_protocol():
+def test_defaults_are_the_design_documents_protocol():
     args = parse()
     assert check_args(args) == [0.0, 1.0, 2.0, 3.0]
     assert (args.batch, args.max_tokens, args.load_from) == (64, 2000, 500)

@@ -121,7 +121,7 @@ def test_control_vllms_scheduler_lets_the_request_join_once_its_kv_is_in():
 
 @pytest.mark.parametrize("cap", ["max_num_seqs", "max_num_scheduled_tokens"])
 def test_control_capping_the_batch_with_a_vllm_setting_never_asks_the_connector(cap):
-    sched = make_scheduler(Scheduler, **{cap: 2})  # the seed capped max_num_scheduled_tokens
+    sched = make_scheduler(Scheduler, **{cap: 2})  # the design document capped max_num_scheduled_tokens
     add(sched, "bg0", 1, 50)
     add(sched, "bg1", 1, 50)
     add(sched, "R", 64, 3)

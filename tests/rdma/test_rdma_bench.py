@@ -1,4 +1,4 @@
-"""bench-rdma runs end to end (a smoke test: it checks the replies, not the timings)."""
+"""`pdpush bench rdma` runs end to end (a smoke test: it checks the replies, not the timings)."""
 
 import json
 
@@ -14,7 +14,7 @@ def test_served_reply_decodes_to_the_encoded_counters():
 
 
 def test_bench_runs_every_path(capsys):
-    assert main(["bench-rdma", "--samples", "20", "--counters", "3", "--json"]) == 0
+    assert main(["bench", "rdma", "--samples", "20", "--counters", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counters"] == 3
     assert len(report["results"]) == 5

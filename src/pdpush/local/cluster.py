@@ -20,7 +20,11 @@ from pathlib import Path
 
 import httpx
 
-# vLLM's CPU worker refuses a large memory fraction on a small machine (ENVIRONMENT.md).
+# On vLLM's CPU backend --gpu-memory-utilization is the fraction of the machine's memory a worker
+# reserves, and the worker refuses to start when that is more than is free at the time, which the
+# second of two engines on a small machine often finds (hence 0.2 in `command`).
+# VLLM_CPU_KVCACHE_SPACE=N instead fixes the KV cache at N GiB and skips that check (vLLM 0.32:
+# vllm/platforms/cpu.py, vllm/v1/worker/cpu_worker.py); 1 GiB holds the tiny model's contexts.
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -64,8 +68,11 @@ class _Started:
 class VllmServer(_Started):
     """One `vllm.entrypoints.openai.api_server` process.
 
-    `cpu_core` pins the engine's OpenMP threads (two engines on a 2-core machine need one core
-    each); `kv_transfer_config` is passed as `--kv-transfer-config` JSON.
+    `cpu_core` pins the engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND). With vLLM's default
+    ("auto") each engine binds threads to every core of the node, so two engines on a 2-core
+    machine share both cores and D's decode step waits on P's prefill; one core each keeps them
+    apart.
+    `kv_transfer_config` is passed as `--kv-transfer-config` JSON. Output goes to `log_path`.
     """
 
     name: str

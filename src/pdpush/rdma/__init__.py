@@ -10,7 +10,7 @@ Library API (what the decode step probe uses)::
     rates = RateSampler().update(samples)  # per-counter rates between successive samples
 
 - `read()` costs one STAT_GET round trip per (device, port) on a persistent socket (see
-  `pdpush bench-rdma`); ports are enumerated once, so create the reader once and keep it.
+  `pdpush bench rdma`); ports are enumerated once, so create the reader once and keep it.
 - `rx_tx_totals()` sums over the ports read, picking counter names per driver from
   `DRIVER_TABLE` (erdma with and without `hw_`, mlx5, efa, irdma, IB port counters); pass
   your own table to override. Per port: `pdpush.rdma.counters.rx_tx_totals(sample)`.

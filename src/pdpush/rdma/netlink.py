@@ -5,7 +5,7 @@ the kernel sends them as u64 (RDMA_NLDEV_ATTR_STAT_HWCOUNTER_ENTRY_VALUE).
 
 The socket is our own persistent datagram socket, one `send` + one `recv` per STAT_GET, because
 the decode step probe calls this every step: pyroute2's AsyncNetlinkSocket request machinery
-costs several times the whole exchange (`pdpush bench-rdma` prints both). pyroute2 provides the
+costs several times the whole exchange (`pdpush bench rdma` prints both). pyroute2 provides the
 message classes (messages.py). The sync (`RdmaNetlink`) and async (`AsyncRdmaNetlink`) clients
 share all encoding and parsing (`_NldevClient`, `_Exchange`); only the I/O loop differs.
 """

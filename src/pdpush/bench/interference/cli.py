@@ -1,5 +1,5 @@
 """Does P's push into D slow D's decode? The interference experiment of the design document the
-project came from (docs/architecture.md, "Origin"), per QPS, with its default settings.
+project came from (docs/architecture.md, "Origin"), per QPS; the defaults are its settings.
 
 A background batch of B one-token requests (prefilled on D) decodes to --max-tokens with
 ignore_eos; once it reaches context --load-from, requests of --prompt-tokens tokens and
@@ -55,7 +55,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p("--kv-cache-gib", type=int, default=2, help="D's CPU KV cache in GiB (default 2)")
     p("--prefill-batched-tokens", type=int, default=2048,
       help="P's max_num_batched_tokens: the chunk P prefills and pushes per step (default 2048)")
-    renamed(parser, "--d-url", "--decode-url", help="use this running D instead of starting 1P1D (needs --probe-log)")
+    renamed(parser, "--d-url", "--decode-url",
+            help="use this running D instead of starting 1P1D (needs --probe-log)")
     p("--probe-log", type=Path, help="with --d-url: D's probe_log file, readable here")
     p("--seed", type=int, default=0, help="seed of the load prompts")
     p("--reanalyse", action="store_true",
