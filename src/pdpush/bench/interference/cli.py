@@ -51,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p("--probe-ab-steps", type=int, default=32,
       help="probe A/B window in steps, for the probe-cost figure; 0 = probe always on (default 32)")
     p("--out", type=Path, default=Path("out/interference"), help="report folder (default out/interference)")
-    p("--model", type=Path, help="model folder (default: the tiny local model)")
+    p("--model", type=Path, help="local model folder (default: the tiny built-in model)")
     p("--kv-cache-gib", type=int, default=2, help="D's CPU KV cache in GiB (default 2)")
     p("--prefill-batched-tokens", type=int, default=2048,
       help="P's max_num_batched_tokens: the chunk P prefills and pushes per step (default 2048)")
