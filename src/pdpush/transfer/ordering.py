@@ -1,5 +1,5 @@
-"""Memory ordering around a GPU-Direct WRITE (ARCHITECTURE section 3, NVIDIA GPUDirect RDMA
-"Synchronization and Memory Ordering").
+"""Memory ordering around a GPU-Direct WRITE, following the rules of NVIDIA's GPUDirect RDMA
+documentation, section "Synchronization and Memory Ordering".
 
 Sender rule: the NIC (or cuda_ipc copy) may read a layer's KV only after the kernel that wrote
 it finished. Record a CUDA event on the compute stream right after the layer's KV write and hand
