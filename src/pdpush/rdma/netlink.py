@@ -109,7 +109,7 @@ class _NldevClient:
             message = NldevMessage()
             message["header"]["type"] = nldev_type(command)
             message["header"]["flags"] = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
-            message["attrs"] = [[f"RDMA_NLDEV_ATTR_{k.upper()}", v] for k, v in attrs.items()]
+            message["attrs"] = [[message.name2nla(k), v] for k, v in attrs.items()]
             message.encode()
             data = self._templates[key] = message.data
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -142,17 +142,13 @@ class _NldevClient:
         return out
 
     def _devices(self, exchange: _Exchange) -> list[NlDevice]:
-        need = {"index": "RDMA_NLDEV_ATTR_DEV_INDEX", "name": "RDMA_NLDEV_ATTR_DEV_NAME"}
+        need = {"index": "dev_index", "name": "dev_name"}
         # RDMA_NLDEV_CMD_GET reports the number of ports in PORT_INDEX
-        return self._records(exchange, NlDevice, need, {"num_ports": ("RDMA_NLDEV_ATTR_PORT_INDEX", 0)})
+        return self._records(exchange, NlDevice, need, {"num_ports": ("port_index", 0)})
 
     def _ports(self, exchange: _Exchange) -> list[NlPort]:
-        need = {
-            "dev_index": "RDMA_NLDEV_ATTR_DEV_INDEX",
-            "dev_name": "RDMA_NLDEV_ATTR_DEV_NAME",
-            "port": "RDMA_NLDEV_ATTR_PORT_INDEX",
-        }
-        return self._records(exchange, NlPort, need, {"netdev": ("RDMA_NLDEV_ATTR_NDEV_NAME", None)})
+        need = {"dev_index": "dev_index", "dev_name": "dev_name", "port": "port_index"}
+        return self._records(exchange, NlPort, need, {"netdev": ("ndev_name", None)})
 
     @staticmethod
     def _stat(exchange: _Exchange, dev_index: int, port: int) -> dict[str, int]:
@@ -160,7 +156,7 @@ class _NldevClient:
             raise MalformedMessage(f"{len(exchange.replies)} replies to {exchange.what}")
         message = exchange.replies[0]
         f = scalar_fields(message)
-        got = (f.get("RDMA_NLDEV_ATTR_DEV_INDEX"), f.get("RDMA_NLDEV_ATTR_PORT_INDEX"))
+        got = (f.get("dev_index"), f.get("port_index"))
         if got != (dev_index, port):
             raise MalformedMessage(f"reply to {exchange.what} is about device {got[0]} port {got[1]}")
         return hw_counters(message)
