@@ -26,7 +26,7 @@ def test_u64_values_pad_and_several_devices_and_ports(kernel):
     got = {(s.device, s.port): s.counters for s in reader.read()}
     want = {(name, p): c for name, ports in TWO_DEVICES.values() for p, c in ports.items()}
     assert got == want
-    # the seed's strace: iproute2 printed 616304802 for hw_rx_bytes_cnt, the low 32 bits
+    # the strace in the design document (docs/architecture.md, Origin): iproute2 printed 616304802 for hw_rx_bytes_cnt, the low 32 bits
     assert got[("erdma_0", 1)]["hw_rx_bytes_cnt"] == 0x282_24BC10A2 != 616304802
     assert all(s.source == "netlink" for s in reader.read())
 
