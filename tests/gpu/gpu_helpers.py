@@ -121,7 +121,11 @@ class Recorder:
         lines += ["", "| check | ok | prompt tokens | where | first diff | remote s | local s |",
                   "|---|---|---|---|---|---|---|"]
         for c in self.checks:
+            w = c.get("where") or {}
+            place = w.get("prefill", "")
+            if "skip_tokens" in w:
+                place += f" skip={w['skip_tokens']}"
             lines.append(f"| {c['name']} | {'yes' if c['ok'] else 'NO'} | {c.get('prompt_tokens', '')} "
-                         f"| {c.get('where', '')} | {c.get('first_diff', '')} "
+                         f"| {place} | {c.get('first_diff', '')} "
                          f"| {c.get('remote_s', '')} | {c.get('local_s', '')} |")
         (self.folder / "results.md").write_text("\n".join(lines) + "\n")
