@@ -24,7 +24,7 @@ def recorder() -> Recorder:
 
 @pytest.fixture(scope="session")
 def gpu_model(recorder: Recorder) -> Path:
-    from pdpush.tinymodel import ensure_tiny_model
+    from pdpush.local.tinymodel import ensure_tiny_model
 
     t0 = time.monotonic()
     path = ensure_tiny_model(model_dir(), GPU_SPEC)

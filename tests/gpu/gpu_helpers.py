@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pdpush.tinymodel import TinySpec
+from pdpush.local.tinymodel import TinySpec
 
 # A random-weight bf16 Qwen2 big enough to keep a GPU busy and to give attention real work:
 # head_dim 64, GQA 16:4, 8 layers, a 32000-token vocabulary (byte-level tokenizer plus filler).

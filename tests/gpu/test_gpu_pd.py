@@ -31,7 +31,7 @@ if _reason:
 
 from e2e_helpers import complete, make_prompt, stats, tokens, wait_free_blocks, where  # noqa: E402
 
-from pdpush.cluster import LocalCluster, free_port  # noqa: E402
+from pdpush.local.cluster import LocalCluster, free_port  # noqa: E402
 
 MAX_TOKENS = 32
 LENGTHS = [1, 17, 300, 1500, 6000]  # 6000 spans three of P's 2048-token chunks
