@@ -15,8 +15,10 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that starts a local cluster."""
     parser.add_argument("--model", type=Path, help="local model folder (default: the tiny built-in model)")
     parser.add_argument("--prefills", type=int, default=1, metavar="N", help="number of P instances (default 1)")
-    parser.add_argument("--threshold", type=int, default=256, metavar="TOKENS",
-                        help="prefill remotely when at least this many prompt tokens miss D's cache (default 256)")
+    from pdpush.connector.config import PdpushConfig
+
+    parser.add_argument("--threshold", type=int, default=PdpushConfig.remote_threshold_tokens, metavar="TOKENS",
+                        help="prefill remotely when at least this many prompt tokens miss D's cache (default %(default)s)")
     parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="server logs (default out/logs)")
 
 

@@ -28,7 +28,7 @@ def test_prefill_config_needs_no_urls():
 
 def test_probe_keys_pass_through():
     parsed = PdpushConfig.from_extra_config({"probe_log": "x.jsonl"}, "kv_producer")
-    assert parsed.probe == {"probe_log": "x.jsonl"}
+    assert parsed.probe.log == "x.jsonl"
 
 
 @pytest.mark.parametrize("extra, message", [
