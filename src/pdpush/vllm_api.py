@@ -37,6 +37,11 @@ def _vllm() -> SimpleNamespace:
         def __init__(self, step: Any) -> None:
             self.step = step
 
+    # Pickled between the scheduler and worker processes: found again as pdpush.vllm_api.StepMeta
+    # (module __getattr__ below), the same class object in every process.
+    StepMeta.__qualname__ = "StepMeta"
+    StepMeta.__module__ = __name__
+
     major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
     return SimpleNamespace(version=(major, minor), base=base, StepMeta=StepMeta)
 

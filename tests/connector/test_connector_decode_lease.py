@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace as NS
 
 import pytest
+from connector_fakes import FakeClient
 
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.decode_scheduler import DecodeScheduler
@@ -17,26 +18,6 @@ from pdpush.rpc.prefill_client import PrefillResult
 from pdpush.vllm_api import Transfers, request_view
 
 P = "http://p0"
-
-
-class FakeClient:
-    def __init__(self) -> None:
-        self.jobs, self.cancelled, self.results, self.health = [], [], [], []
-
-    def submit(self, job) -> None:
-        self.jobs.append(job)
-
-    def cancel(self, req_id: str) -> bool:
-        self.cancelled.append(req_id)
-        return True
-
-    def drain_results(self):
-        out, self.results = self.results, []
-        return out
-
-    def drain_health(self):
-        out, self.health = self.health, []
-        return out
 
 
 def request(req_id: str, n: int, temperature: float = 0.0, params=None):

@@ -28,6 +28,7 @@ from pdpush.connector.decode_request import DecodeRequest, Placement, Status
 from pdpush.connector.metadata import DecodeStepMeta, ParamsError, PushTarget, client_mode
 from pdpush.connector.stats import serve_scheduler_stats
 from pdpush.policy import Policy
+from pdpush.probe import batch_stats_from
 from pdpush.rpc.prefill_client import HealthReport, PrefillClient, PrefillJob, PrefillResult
 from pdpush.vllm_api import BlockAccess, RequestView, Sampling, StepView, Transfers
 
@@ -128,8 +129,6 @@ class DecodeScheduler:
                 give_up.append(rec.req_id)
         meta = DecodeStepMeta(expect=self._expect, give_up=give_up)
         if self.config.probe.enabled and step is not None:
-            from pdpush.probe import batch_stats_from
-
             meta.batch_stats = batch_stats_from(step)
         self._expect = []
         return meta

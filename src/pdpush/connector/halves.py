@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from pdpush.connector.metadata import DecodeStepMeta, PrefillStepMeta
+from pdpush.connector.config import DECODE_ROLE, PdpushConfig
 from pdpush.vllm_api import BlockAccess, RequestView, StepView, Transfers
-
-StepMeta = DecodeStepMeta | PrefillStepMeta
 
 
 class SchedulerHalf(Protocol):
@@ -40,6 +38,7 @@ class SchedulerHalf(Protocol):
 class WorkerHalf(Protocol):
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None: ...
 
+    # meta: the step metadata of the worker's own role (metadata.DecodeStepMeta / PrefillStepMeta)
     def bind(self, meta: Any) -> None: ...
 
     def handle_preemptions(self, meta: Any) -> None: ...
@@ -53,9 +52,8 @@ class WorkerHalf(Protocol):
     def close(self) -> None: ...
 
 
-def make_scheduler_half(kv_role: str, config: Any, block_size: int, engine_id: str) -> SchedulerHalf:
-    from pdpush.connector.config import DECODE_ROLE
-
+def make_scheduler_half(kv_role: str, config: PdpushConfig, block_size: int,
+                        engine_id: str) -> SchedulerHalf:
     if kv_role == DECODE_ROLE:
         from pdpush.connector.decode_scheduler import DecodeScheduler
 
@@ -65,10 +63,8 @@ def make_scheduler_half(kv_role: str, config: Any, block_size: int, engine_id: s
     return PrefillScheduler(block_size, config)
 
 
-def make_worker_half(kv_role: str, config: Any, engine_id: str, rank: int,
+def make_worker_half(kv_role: str, config: PdpushConfig, engine_id: str, rank: int,
                      num_blocks: int) -> WorkerHalf:
-    from pdpush.connector.config import DECODE_ROLE
-
     if kv_role == DECODE_ROLE:
         from pdpush.connector.decode_worker import DecodeWorker
 
