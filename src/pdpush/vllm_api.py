@@ -42,8 +42,11 @@ def _vllm() -> SimpleNamespace:
     StepMeta.__qualname__ = "StepMeta"
     StepMeta.__module__ = __name__
 
-    major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
-    return SimpleNamespace(version=(major, minor), base=base, StepMeta=StepMeta)
+    version = tuple(int(x) for x in vllm.__version__.split(".")[:2])
+    if version not in SUPPORTED:
+        raise ImportError(f"pdpush: vLLM {vllm.__version__} is not supported (written for "
+                          f"{', '.join('%d.%d' % v for v in SUPPORTED)}); see pdpush/vllm_api.py")
+    return SimpleNamespace(base=base, StepMeta=StepMeta)
 
 
 def __getattr__(name: str) -> Any:
@@ -150,7 +153,7 @@ def step_view(scheduler_output: Any) -> StepView:
     computed.update(zip(cached.req_ids, cached.num_computed_tokens))
     scheduled = {req_id: (done, num_new.get(req_id, 0)) for req_id, done in computed.items()}
     return StepView(scheduled, int(scheduler_output.total_num_scheduled_tokens),
-                    frozenset(getattr(scheduler_output, "preempted_req_ids", None) or ()))
+                    frozenset(scheduler_output.preempted_req_ids or ()))
 
 
 # -- transfer results ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def scheduler_output(new: dict[str, tuple[int, int]], cached: dict[str, tuple[in
         ),
         num_scheduled_tokens=scheduled,
         total_num_scheduled_tokens=sum(scheduled.values()),
+        preempted_req_ids=set(),
     )
 
 
