@@ -1,15 +1,13 @@
 """One record per request on D: its status and its placement, moved along by the D scheduler.
 
-    CHOSEN ──alloc──▶ WAITING_FOR_KV ──KV in──▶ READY ───────────┐
-       │                    │ └──failed──▶ FALLBACK ─────────────┤
-       └──(decided local)── LOCAL ───────────────────────────────┤ request_finished
-                                                                 ▼
-                      AWAITING_P_TOKEN ◀── greedy, P's first token not known yet
-                              └── P answers ──▶ DONE (record dropped)
+    get_num_new_matched_tokens: remote → CHOSEN, local → LOCAL
+    update_state_after_alloc:   CHOSEN → WAITING_FOR_KV (do_prefill sent, blocks under the lease)
+    update_connector_output:    WAITING_FOR_KV → READY (KV in) or FALLBACK (failed, recomputed)
+    request_finished:           → DONE, or AWAITING_P_TOKEN (greedy, P's answer still to come),
+                                   which becomes DONE when P's answer is compared
+    abort while WAITING_FOR_KV: → DONE once the workers report the blocks free
 
-Every other path ends in DONE too: the record is dropped when vLLM finishes the request, or,
-for a request aborted while waiting for KV, once the workers report its blocks free. DONE is
-never stored; `DecodeScheduler` keeps only live records.
+A record is dropped from `DecodeScheduler` when it becomes DONE, on every path.
 """
 
 from __future__ import annotations

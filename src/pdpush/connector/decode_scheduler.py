@@ -95,7 +95,7 @@ class DecodeScheduler:
         if rec is None or rec.status is not Status.CHOSEN:
             return
         if num_external == 0:
-            del self._requests[rec.req_id]
+            self._drop(rec)
             return
         assert rec.url is not None
         skip = request.num_prompt_tokens - num_external
@@ -139,7 +139,7 @@ class DecodeScheduler:
             if rec is None or rec.status is not Status.WAITING_FOR_KV:
                 continue
             if rec.aborted:
-                del self._requests[req_id]  # vLLM freed R's blocks: nothing more to track
+                self._drop(rec)  # vLLM frees R's blocks now: nothing more to track
             elif req_id in transfers.failed:
                 self.counters.fallback += 1
                 rec.status = Status.FALLBACK
@@ -161,11 +161,13 @@ class DecodeScheduler:
             if self.client.cancel(req_id):
                 log.info("pdpush: %s aborted while waiting for KV; cancelled do_prefill", req_id)
             return True, None
-        del self._requests[req_id]
         if rec.placement is None:  # CHOSEN, never allocated
+            self._drop(rec)
             return False, None
         self.counters.local += rec.placement.prefill == "local"
         self._check_first_token(rec, request.output_token_ids)
+        if rec.status is not Status.AWAITING_P_TOKEN:
+            self._drop(rec)
         return False, {"pdpush": rec.placement.to_params()}
 
     def bind_blocks(self, blocks: BlockAccess) -> None:
@@ -189,6 +191,10 @@ class DecodeScheduler:
             self.stats_server.close()
 
     # -- internals -------------------------------------------------------------------------
+    def _drop(self, rec: DecodeRequest) -> None:
+        rec.status = Status.DONE
+        del self._requests[rec.req_id]
+
     def _local(self, req_id: str, placement: Placement) -> None:
         self._requests[req_id] = DecodeRequest(req_id, Status.LOCAL, placement)
 
@@ -209,7 +215,7 @@ class DecodeScheduler:
             return
         rec.p_answered = True
         if rec.status is Status.AWAITING_P_TOKEN:
-            del self._requests[rec.req_id]
+            self._drop(rec)
             if result.first_token is not None and rec.d_first_token is not None:
                 self._compare_first_tokens(rec.req_id, result.first_token, rec.d_first_token)
             return
@@ -230,7 +236,6 @@ class DecodeScheduler:
         if p_token is None:
             if not rec.p_answered:  # P's answer is still to come: keep the record until then
                 rec.status, rec.d_first_token = Status.AWAITING_P_TOKEN, output[0]
-                self._requests[rec.req_id] = rec
         elif not self._compare_first_tokens(rec.req_id, p_token, output[0]):
             rec.placement.first_token_mismatch = True
 
