@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    remote_threshold_tokens: int = 256
-    max_inflight_per_prefill: int = 8
-    max_prefill_queue: int = 16
-    retry_after_s: float = 10.0
+    """The policy's part of pdpush.connector.config.PdpushConfig (defaults and meaning there)."""
+
+    remote_threshold_tokens: int
+    max_inflight_per_prefill: int
+    max_prefill_queue: int
+    retry_after_s: float
 
 
 @dataclass
@@ -98,6 +100,3 @@ class Policy:
 
     def _mark_down(self, peer: PrefillPeer, now: float) -> None:
         peer.down_until = now + self.config.retry_after_s
-
-    def healthy_count(self, now: float) -> int:
-        return sum(p.available(now) for p in self.peers.values())

@@ -1,17 +1,12 @@
 """Per-step decode probe: latency, batch shape and inbound (RX) traffic of every forward step on D.
 
-The connector calls `step_begin()` from `start_load_kv` and `step_end()` from `wait_for_save`, so the
-probe needs no vLLM patch. GPU latency comes from CUDA events that are resolved a step or more later
-(never a synchronize on the hot path); on the CPU it is perf_counter. Output: one JSON line per step
-and/or Prometheus metrics, first TP rank only, off unless `kv_connector_extra_config` asks for it:
-
-    probe_log      path of the JSON-lines file (appended to)
-    probe_metrics  port, or "host:port", for a Prometheus endpoint (host defaults to 127.0.0.1)
-    probe_rx       auto | rdma | engine | none: where RX bytes come from (auto: RDMA counters when an
-                   RDMA device exists, else the transfer engine's received-bytes count)
-    probe_timer    auto | cuda | cpu
-    probe_ab_steps N > 0 alternates windows of N full-probe and N bare steps (bare: perf_counter
-                   only, lines written at the window's end) to measure the probe's own cost
+D's worker half (connector/decode_worker.py) calls `step_begin()` from `bind` (vLLM's
+`bind_connector_metadata`, before the forward) and `step_end()` from `wait_for_save` (after it), so
+the probe needs no vLLM patch. GPU latency comes from CUDA events that are resolved a step or more
+later (never a synchronize on the hot path); on the CPU it is perf_counter. Output: one JSON line per
+step and/or Prometheus metrics, first TP rank only, off unless `kv_connector_extra_config` asks for
+it. The settings (`probe_log`, `probe_metrics`, `probe_rx`, `probe_timer`, `probe_ab_steps`, or the
+same names inside a `probe` object) are parsed by pdpush.connector.config.ProbeConfig.
 """
 
 from __future__ import annotations
@@ -24,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pdpush.connector.config import ConfigError, ProbeConfig
+from pdpush.vllm_api import StepView
+
 log = logging.getLogger(__name__)
 
-CONFIG_KEYS = ("probe_log", "probe_metrics", "probe_rx", "probe_timer", "probe_ab_steps")
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                      0.1, 0.2, 0.5, 1.0)  # fmt: skip
 
@@ -42,22 +39,12 @@ class BatchStats:
     ctx_sum: int
 
 
-def batch_stats_from(scheduler_output: Any) -> BatchStats:
-    """Batch shape from a vLLM SchedulerOutput (duck-typed, so this module never imports vLLM)."""
-    scheduled: dict[str, int] = scheduler_output.num_scheduled_tokens
-    contexts = [
-        req.num_computed_tokens + scheduled.get(req.req_id, 0)
-        for req in scheduler_output.scheduled_new_reqs
-    ]
-    cached = scheduler_output.scheduled_cached_reqs
-    contexts += [
-        computed + scheduled.get(req_id, 0)
-        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens)
-    ]
+def batch_stats_from(step: StepView) -> BatchStats:
+    """Batch shape of one scheduler step."""
+    contexts = [computed + scheduled for computed, scheduled in step.scheduled.values()]
     if not contexts:
         return BatchStats(0, 0, 0, 0, 0)
-    total = int(scheduler_output.total_num_scheduled_tokens)
-    return BatchStats(len(contexts), total, min(contexts), max(contexts), sum(contexts))
+    return BatchStats(len(contexts), step.total_tokens, min(contexts), max(contexts), sum(contexts))
 
 
 @dataclass(frozen=True)
@@ -145,7 +132,7 @@ def make_rx_source(kind: str) -> RxSource | None:
         return ENGINE_RX
     rdma = rdma_rx_source()
     if kind == "rdma" and rdma is None:
-        raise ValueError("probe_rx=rdma but no RDMA device counters are readable here")
+        raise ConfigError("pdpush: probe_rx=rdma but no RDMA device counters are readable here")
     return rdma or ENGINE_RX
 
 
@@ -197,7 +184,7 @@ def make_timer(kind: str) -> CpuTimer | CudaTimer:
     if torch.cuda.is_available():
         return CudaTimer()
     if kind == "cuda":
-        raise ValueError("probe_timer=cuda but torch sees no CUDA device")
+        raise ConfigError("pdpush: probe_timer=cuda but torch sees no CUDA device")
     return CpuTimer()
 
 
@@ -240,20 +227,6 @@ class ProbeMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-def _parse_endpoint(value: Any) -> tuple[str, int]:
-    host, _, port = str(value).rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"probe_metrics must be a port or host:port, got {value!r}")
-    return host or "127.0.0.1", int(port)
-
-
-def _choice(config: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = str(config.get(key, choices[0]))
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 _NO_STATS = dict.fromkeys(BatchStats.__annotations__)
@@ -312,27 +285,19 @@ class StepProbe:
         self._flushed = 0.0
 
     @classmethod
-    def from_config(cls, extra_config: dict[str, Any], rank: int) -> StepProbe | None:
-        """The probe the connector's extra config asks for; None when it asks for none or on any
-        rank but the first. Raises ValueError on a bad setting."""
-        unknown = sorted(k for k in extra_config if k.startswith("probe_") and k not in CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"unknown probe setting(s) {unknown}; known: {list(CONFIG_KEYS)}")
-        log_path, endpoint = extra_config.get("probe_log"), extra_config.get("probe_metrics")
-        if rank != 0 or not (log_path or endpoint):
+    def from_config(cls, config: ProbeConfig, rank: int) -> StepProbe | None:
+        """The probe `config` asks for; None when it asks for none or on any rank but the first.
+        Raises ConfigError when the asked-for timer or RX source is not available here."""
+        if rank != 0 or not config.enabled:
             return None
-        ab_steps = extra_config.get("probe_ab_steps", 0)
-        if not isinstance(ab_steps, int) or ab_steps < 0:
-            raise ValueError(f"probe_ab_steps must be an integer >= 0, got {ab_steps!r}")
-        host_port = _parse_endpoint(endpoint) if endpoint else None
-        timer = make_timer(_choice(extra_config, "probe_timer", ("auto", "cuda", "cpu")))
-        rx = make_rx_source(_choice(extra_config, "probe_rx", ("auto", "rdma", "engine", "none")))
-        metrics = ProbeMetrics(rx.name if rx else "none") if host_port else None
-        if metrics and host_port:
-            metrics.serve(*host_port)
+        timer = make_timer(config.timer)
+        rx = make_rx_source(config.rx)
+        metrics = ProbeMetrics(rx.name if rx else "none") if config.metrics else None
+        if metrics and config.metrics:
+            metrics.serve(*config.metrics)
         log.info("step probe on: timer=%s rx=%s log=%s metrics=%s ab_steps=%d", timer.name,
-                 rx.name if rx else "none", log_path, host_port, ab_steps)  # fmt: skip
-        return cls(timer, rx, str(log_path) if log_path else None, metrics, ab_steps)
+                 rx.name if rx else "none", config.log, config.metrics, config.ab_steps)  # fmt: skip
+        return cls(timer, rx, config.log, metrics, config.ab_steps)
 
     def _mode(self, step: int) -> str:
         return "bare" if self.ab_steps and (step // self.ab_steps) % 2 else "full"

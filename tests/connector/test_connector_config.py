@@ -28,7 +28,7 @@ def test_prefill_config_needs_no_urls():
 
 def test_probe_keys_pass_through():
     parsed = PdpushConfig.from_extra_config({"probe_log": "x.jsonl"}, "kv_producer")
-    assert parsed.probe == {"probe_log": "x.jsonl"}
+    assert parsed.probe.log == "x.jsonl"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -58,3 +58,19 @@ def test_builder_fails_early_on_a_typo():
     with pytest.raises(ConfigError, match="unknown"):
         decode_kv_config(["http://p"], threshold=3)
 
+
+
+def test_probe_section_nested_or_flat_parses_the_same():
+    flat = PdpushConfig.from_extra_config({"probe_log": "x", "probe_metrics": "h:9"}, "kv_producer")
+    nested = PdpushConfig.from_extra_config({"probe": {"log": "x", "metrics": "h:9"}}, "kv_producer")
+    assert flat.probe == nested.probe and nested.probe.metrics == ("h", 9)
+    with pytest.raises(ConfigError, match="not both"):
+        PdpushConfig.from_extra_config({"probe": {"log": "x"}, "probe_rx": "engine"}, "kv_producer")
+    with pytest.raises(ConfigError, match=r"probe\.rx must be one of"):
+        PdpushConfig.from_extra_config({"probe": {"rx": "wifi"}}, "kv_producer")
+
+
+def test_prefill_urls_belong_to_d_only():
+    """vLLM tells requires_piecewise_for_cudagraph only the extra config: prefill_urls mark D."""
+    with pytest.raises(ConfigError, match="prefill_urls is D's setting"):
+        PdpushConfig.from_extra_config({"prefill_urls": ["http://p"]}, "kv_producer")

@@ -10,42 +10,25 @@ import time
 from types import SimpleNamespace as NS
 
 import pytest
+from connector_fakes import FakeClient
 
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.decode_scheduler import DecodeScheduler
 from pdpush.rpc.prefill_client import PrefillResult
+from pdpush.vllm_api import Transfers, request_view
 
 P = "http://p0"
 
 
-class FakeClient:
-    def __init__(self) -> None:
-        self.jobs, self.cancelled, self.results, self.health = [], [], [], []
-
-    def submit(self, job) -> None:
-        self.jobs.append(job)
-
-    def cancel(self, req_id: str) -> bool:
-        self.cancelled.append(req_id)
-        return True
-
-    def drain_results(self):
-        out, self.results = self.results, []
-        return out
-
-    def drain_health(self):
-        out, self.health = self.health, []
-        return out
-
-
 def request(req_id: str, n: int, temperature: float = 0.0, params=None):
-    return NS(request_id=req_id, num_prompt_tokens=n, num_tokens=n, prompt_token_ids=list(range(n)),
-              kv_transfer_params=params, output_token_ids=[],
-              sampling_params=NS(temperature=temperature, top_p=1.0, top_k=0, seed=None))
+    return request_view(NS(
+        request_id=req_id, num_prompt_tokens=n, num_tokens=n, prompt_token_ids=list(range(n)),
+        kv_transfer_params=params, output_token_ids=[],
+        sampling_params=NS(temperature=temperature, top_p=1.0, top_k=0, seed=None)))
 
 
 def blocks(ids):
-    return NS(get_block_ids=lambda: (list(ids),))
+    return list(ids)
 
 
 @pytest.fixture
@@ -86,7 +69,7 @@ def test_kv_arrival_then_greedy_first_token_check(sched):
     go_remote(sched, req)
     sched.client.results.append(PrefillResult("a", P, True, first_token=7))
     sched.build_meta(None)
-    sched.update_connector_output({"a"}, set())
+    sched.update_connector_output(Transfers(received={"a"}))
     req.output_token_ids = [8]  # differs from P's 7: suspected corruption
     hold, params = sched.request_finished(req)
     assert not hold and params["pdpush"]["first_token_mismatch"] is True
@@ -96,7 +79,7 @@ def test_kv_arrival_then_greedy_first_token_check(sched):
 def test_p_answer_after_d_finished_is_still_checked(sched):
     req = request("a", 100)
     go_remote(sched, req)
-    sched.update_connector_output({"a"}, set())
+    sched.update_connector_output(Transfers(received={"a"}))
     req.output_token_ids = [7]
     sched.request_finished(req)
     sched.client.results.append(PrefillResult("a", P, True, first_token=7))
@@ -109,7 +92,7 @@ def test_p_that_wrote_nothing_is_given_up_at_once_and_recomputed_locally(sched):
     go_remote(sched, req)
     sched.client.results.append(PrefillResult("a", P, False, error="refused", may_have_written=False))
     assert sched.build_meta(None).give_up == ["a"]
-    sched.update_connector_output({"a"}, {"a"})  # the worker reported it failed
+    sched.update_connector_output(Transfers(received={"a"}, failed={"a"}))  # the worker reported it failed
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # vLLM's retry is local
     assert sched.request_finished(req)[1]["pdpush"]["prefill"] == "fallback"
     assert sched.counters.fallback == 1
@@ -121,7 +104,7 @@ def test_p_that_may_have_written_keeps_blocks_until_the_lease_ends(sched, monkey
     go_remote(sched, req)
     sched.client.results.append(PrefillResult("a", P, False, error="timeout"))
     assert sched.build_meta(None).give_up == []
-    lease_end = sched._remote["a"].lease_end
+    lease_end = sched._requests["a"].lease_end
     monkeypatch.setattr(time, "time", lambda: lease_end + 0.1)
     assert sched.build_meta(None).give_up == ["a"]
 
@@ -132,9 +115,9 @@ def test_abort_while_waiting_cancels_and_holds_blocks(sched):
     assert sched.request_finished(req) == (True, None)  # blocks stay: P may still write
     assert sched.client.cancelled == ["a"]
     assert sched.counters.aborted_waiting == 1
-    sched.update_connector_output({"a"}, {"a"})  # P confirmed it stopped (or lease ended)
+    sched.update_connector_output(Transfers(received={"a"}, failed={"a"}))  # P confirmed it stopped (or lease ended)
     assert sched.stats()["waiting_for_kv"] == 0
-    assert sched._where == {} and sched._local_only == set()
+    assert sched._requests == {}
 
 
 def test_bad_client_hint_is_reported_and_served_locally(sched):

@@ -1,12 +1,13 @@
 """Policy: local vs remote, choice by load, health from checks and outcomes (pure, no vLLM)."""
 
-from pdpush.policy import Policy, PolicyConfig
+from pdpush.connector.config import PdpushConfig
+from pdpush.policy import Policy
 
 A, B = "http://p-a", "http://p-b"
 
 
 def make(**kw) -> Policy:
-    return Policy.for_urls(PolicyConfig(**{"remote_threshold_tokens": 100, **kw}), [A, B])
+    return Policy.for_urls(PdpushConfig(**{"remote_threshold_tokens": 100, **kw}).policy_config(), [A, B])
 
 
 def test_short_prompt_stays_local():
@@ -44,7 +45,7 @@ def test_failed_outcome_marks_prefill_down_until_retry():
     policy.finished(A, ok=False, now=100)
     assert policy.peers[A].inflight == 0
     assert policy.choose(500, now=101).url == B
-    assert policy.healthy_count(now=101) == 1
+    assert sum(p.available(101) for p in policy.peers.values()) == 1
     assert policy.peers[A].available(now=110)
 
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace as NS
 
 from pdpush.connector.metadata import PushTarget
 from pdpush.connector.prefill_scheduler import PrefillScheduler
+from pdpush.vllm_api import RequestView, Transfers, step_view
 
 BS = 16
 
@@ -15,24 +16,23 @@ def request(req_id: str, n: int, skip: int = 0, deadline: float = 1e10, d_blocks
     nblocks = -(-n // BS)
     t = PushTarget(req_id.upper(), "e", "h:1", tuple(d_blocks or range(100, 100 + nblocks)),
                    skip, BS, deadline)
-    return NS(request_id=req_id, num_prompt_tokens=n, kv_transfer_params=t.to_params())
+    return RequestView(req_id, n, n, [], t.to_params())
 
 
 def step(new=(), cached=(), preempted=()):
     """new / cached: (req_id, computed_before, scheduled) triples."""
-    return NS(
+    return step_view(NS(
         scheduled_new_reqs=[NS(req_id=r, num_computed_tokens=c) for r, c, _ in new],
         scheduled_cached_reqs=NS(req_ids=[r for r, _, _ in cached],
                                  num_computed_tokens=[c for _, c, _ in cached]),
         num_scheduled_tokens={r: s for r, _, s in [*new, *cached]},
+        total_num_scheduled_tokens=sum(s for _, _, s in [*new, *cached]),
         preempted_req_ids=set(preempted),
-    )
+    ))
 
 
 def scheduler():
-    sched = PrefillScheduler(BS)
-    sched.get_block_ids = lambda req_id: list(range(10, 20))  # P's blocks 10, 11, ...
-    return sched
+    return PrefillScheduler(BS, block_ids=lambda req_id: list(range(10, 20)))  # P's blocks 10, 11, ...
 
 
 def test_chunked_prefill_pushes_complete_blocks_then_the_partial_tail():
@@ -83,7 +83,7 @@ def test_finished_request_holds_blocks_until_sent():
     sched.build_meta(step(new=[("a", 0, 32)]))
     assert sched.request_finished(req)[0] is True
     assert sched.has_pending()
-    sched.update_connector_output({"a"})
+    sched.update_connector_output(Transfers(sent={"a"}))
     assert not sched.has_pending()
 
 
@@ -100,7 +100,7 @@ def test_request_ending_before_its_prompt_tells_the_workers_to_stop():
 
 def test_plain_requests_are_ignored():
     sched = scheduler()
-    req = NS(request_id="p", num_prompt_tokens=10, kv_transfer_params=None)
+    req = RequestView("p", 10, 10, [], None)
     sched.get_num_new_matched_tokens(req, 0)
     assert sched.build_meta(step(new=[("p", 0, 10)])).tasks == []
     assert sched.request_finished(req) == (False, None)

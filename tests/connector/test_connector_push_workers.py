@@ -61,12 +61,13 @@ def run_step(p: PrefillWorker, p_kv: dict, meta: PrefillStepMeta) -> None:
 
 def settle(d: DecodeWorker, p: PrefillWorker, req: str, p_req: str) -> tuple[set, set]:
     """Poll both sides (as their steps would) until D reports req and P releases p_req."""
-    d.start_load_kv(DecodeStepMeta(expect=[req]))
+    d.bind(DecodeStepMeta(expect=[req]))
     done, failed, released = set(), set(), set()
     deadline = time.monotonic() + 20
     while (req not in done or p_req not in released) and time.monotonic() < deadline:
-        released |= p.get_finished({p_req})
-        got, bad = d.transfer_results()
+        released |= p.transfer_results({p_req}).sent
+        got = d.transfer_results(set())
+        got, bad = got.received, got.failed
         done, failed = done | got, failed | bad
     assert req in done and p_req in released, (done, released)
     return done, failed
@@ -130,7 +131,7 @@ def test_unreachable_d_stops_the_push_without_crashing_p(pair):
     _, p, _, p_kv, _ = pair
     t = target(free_port(), "r4", [1])
     run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p4", t, [2], [1], last=True)]))
-    assert p.get_finished({"p4"}) == {"p4"}  # nothing in flight: released at once
+    assert p.transfer_results({"p4"}).sent == {"p4"}  # nothing in flight: released at once
 
 
 class FakeCudaEvent:

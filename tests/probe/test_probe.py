@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from pdpush.connector.config import ProbeConfig
 from pdpush.probe import (
     ENGINE_RX,
     FLUSH_INTERVAL_S,
@@ -21,6 +22,7 @@ from pdpush.probe import (
     batch_stats_from,
     rdma_rx_source,
 )
+from pdpush.vllm_api import step_view
 
 
 def scheduler_output(new: dict[str, tuple[int, int]], cached: dict[str, tuple[int, int]]):
@@ -33,18 +35,19 @@ def scheduler_output(new: dict[str, tuple[int, int]], cached: dict[str, tuple[in
         ),
         num_scheduled_tokens=scheduled,
         total_num_scheduled_tokens=sum(scheduled.values()),
+        preempted_req_ids=set(),
     )
 
 
 def test_batch_stats_counts_new_and_cached_requests_with_this_steps_tokens():
     out = scheduler_output(new={"a": (0, 1), "b": (256, 100)}, cached={"c": (1499, 1), "d": (9, 1)})
-    assert batch_stats_from(out) == BatchStats(
+    assert batch_stats_from(step_view(out)) == BatchStats(
         num_reqs=4, num_tokens=103, ctx_min=1, ctx_max=1500, ctx_sum=1 + 356 + 1500 + 10
     )
 
 
 def test_batch_stats_of_an_empty_step_is_zero():
-    assert batch_stats_from(scheduler_output({}, {})) == BatchStats(0, 0, 0, 0, 0)
+    assert batch_stats_from(step_view(scheduler_output({}, {}))) == BatchStats(0, 0, 0, 0, 0)
 
 
 def test_rx_meter_rates_and_a_counter_reset():
@@ -159,7 +162,7 @@ def free_port() -> int:
 def test_from_config_serves_prometheus_metrics(tmp_path):
     port = free_port()
     probe = StepProbe.from_config(
-        {"probe_metrics": port, "probe_rx": "engine", "probe_timer": "cpu"}, rank=0
+        ProbeConfig.from_extra({"probe_metrics": port, "probe_rx": "engine", "probe_timer": "cpu"}), rank=0
     )
     try:
         run_steps(probe, 3, rx_per_step=1000)
@@ -174,9 +177,9 @@ def test_from_config_serves_prometheus_metrics(tmp_path):
 
 
 def test_from_config_is_off_by_default_and_on_first_rank_only(tmp_path):
-    assert StepProbe.from_config({}, rank=0) is None
-    assert StepProbe.from_config({"probe_log": str(tmp_path / "x")}, rank=1) is None
-    probe = StepProbe.from_config({"probe_log": str(tmp_path / "x"), "probe_timer": "cpu"}, rank=0)
+    assert StepProbe.from_config(ProbeConfig.from_extra({}), rank=0) is None
+    assert StepProbe.from_config(ProbeConfig.from_extra({"probe_log": str(tmp_path / "x")}), rank=1) is None
+    probe = StepProbe.from_config(ProbeConfig.from_extra({"probe_log": str(tmp_path / "x"), "probe_timer": "cpu"}), rank=0)
     assert probe is not None and probe.timer.name == "cpu"
     probe.close()
 
@@ -194,7 +197,7 @@ def test_from_config_is_off_by_default_and_on_first_rank_only(tmp_path):
 )
 def test_from_config_rejects_bad_settings(config, message):
     with pytest.raises(ValueError, match=message):
-        StepProbe.from_config(config, rank=0)
+        StepProbe.from_config(ProbeConfig.from_extra(config), rank=0)
 
 
 def fake_sysfs(root, rcv_words: int, packets: int):
@@ -232,8 +235,8 @@ HAS_RDMA_PORTS = os.path.isdir("/sys/class/infiniband") and bool(os.listdir("/sy
 
 @pytest.mark.skipif(HAS_RDMA_PORTS, reason="this machine has RDMA devices")
 def test_without_rdma_devices_auto_counts_engine_bytes_and_rdma_is_an_error(tmp_path):
-    probe = StepProbe.from_config({"probe_log": str(tmp_path / "x"), "probe_timer": "cpu"}, rank=0)
+    probe = StepProbe.from_config(ProbeConfig.from_extra({"probe_log": str(tmp_path / "x"), "probe_timer": "cpu"}), rank=0)
     assert probe.meter.source.name == "engine"
     probe.close()
     with pytest.raises(ValueError, match="no RDMA device counters"):
-        StepProbe.from_config({"probe_log": str(tmp_path / "x"), "probe_rx": "rdma"}, rank=0)
+        StepProbe.from_config(ProbeConfig.from_extra({"probe_log": str(tmp_path / "x"), "probe_rx": "rdma"}), rank=0)

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+from pdpush.connector.config import ProbeConfig  # noqa: E402
 from pdpush.probe import BatchStats, StepProbe  # noqa: E402
 
 STATS = BatchStats(8, 8, 100, 100, 800)
@@ -22,7 +23,7 @@ def gpu_work(n: int = 8192, repeat: int = 20) -> None:
 
 def test_auto_timer_is_cuda_and_lines_wait_for_the_gpu(tmp_path):
     path = tmp_path / "steps.jsonl"
-    probe = StepProbe.from_config({"probe_log": str(path), "probe_rx": "engine"}, rank=0)
+    probe = StepProbe.from_config(ProbeConfig.from_extra({"probe_log": str(path), "probe_rx": "engine"}), rank=0)
     assert probe.timer.name == "cuda"
     torch.cuda.synchronize()
     ref_start, ref_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -41,7 +42,7 @@ def test_auto_timer_is_cuda_and_lines_wait_for_the_gpu(tmp_path):
 
 def test_in_flight_steps_are_written_in_order_once_done(tmp_path):
     path = tmp_path / "steps.jsonl"
-    probe = StepProbe.from_config({"probe_log": str(path), "probe_timer": "cuda"}, rank=0)
+    probe = StepProbe.from_config(ProbeConfig.from_extra({"probe_log": str(path), "probe_timer": "cuda"}), rank=0)
     for _ in range(3):
         probe.step_begin()
         gpu_work(repeat=5)

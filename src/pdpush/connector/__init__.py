@@ -18,9 +18,12 @@ Per request, D's response carries `kv_transfer_params.pdpush`: where the prefill
 not pushed), P's first token when known, and `error` / `pdpush_error` on failures. A client may
 send `kv_transfer_params={"pdpush_prefill": "local" | "remote" | "auto"}`.
 
-Files: facade.py (the class vLLM loads, routing only) · decode_scheduler.py / decode_worker.py
-(D) · prefill_scheduler.py / prefill_worker.py (P) · metadata.py (what travels between halves
-and between D and P) · config.py · kv_region.py (cache tensors as the transfer engine sees them)
-· stats.py. The do_prefill client and the side channel live in pdpush.rpc, the NIXL wrapper
-and byte-run layout in pdpush.transfer, the local/remote policy in pdpush.policy.
+Files: facade.py (the class vLLM loads: forwards each hook to a half) · halves.py (the two
+interfaces and which class implements them per role) · decode_scheduler.py with
+decode_request.py (a request's life on D) / decode_worker.py (D) · prefill_scheduler.py /
+prefill_worker.py (P) · metadata.py (what travels between halves and between D and P) ·
+config.py · kv_region.py (cache tensors as the transfer engine sees them) · stats.py. vLLM's
+objects are translated in pdpush.vllm_api; the do_prefill client and the side channel live in
+pdpush.rpc, the NIXL wrapper and byte-run layout in pdpush.transfer, the local/remote policy in
+pdpush.policy. The whole picture: docs/architecture.md.
 """

@@ -2,9 +2,10 @@
 P and D with it.
 
 Everything pdpush reads from `kv_connector_extra_config` is parsed here once, at engine start,
-so that a typo or a bad value stops the engine with one clear line instead of surfacing as a
-stuck request later. Keys starting with `probe` belong to the step probe (pdpush.probe) and are
-passed through unchecked. No vLLM import: the dicts are plain JSON.
+so that a typo or a bad value stops the engine with one clear line (a `ConfigError` naming the
+key) instead of surfacing as a stuck request later. Every default is written once, here; the
+policy, the step probe and the command line build from these classes. No vLLM import: the
+dicts are plain JSON.
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pdpush.policy import PolicyConfig
+
 MODULE_PATH = "pdpush.connector.facade"
 CONNECTOR_NAME = "PdpushConnector"
 ON_FAILURE = ("local", "error")
+DECODE_ROLE, PREFILL_ROLE = "kv_consumer", "kv_producer"  # vLLM's kv_role values for D and P
+PROBE_RX = ("auto", "rdma", "engine", "none")
+PROBE_TIMER = ("auto", "cuda", "cpu")
 
 
 class ConfigError(ValueError):
@@ -23,10 +29,75 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ProbeConfig:
+    """D's step probe (pdpush.probe). Given as a nested `probe` object, or as the flat keys
+    `probe_log`, `probe_metrics`, ... that earlier configs and committed results use."""
+
+    # Path of the JSON-lines file, one line per step (appended to).
+    log: str | None = None
+    # Prometheus endpoint as (host, port); given as a port or "host:port".
+    metrics: tuple[str, int] | None = None
+    # Where RX bytes come from: RDMA counters when readable (auto), or the transfer engine's count.
+    rx: str = "auto"
+    # auto | cuda | cpu
+    timer: str = "auto"
+    # N > 0 alternates windows of N full-probe and N bare steps (measures the probe's own cost).
+    ab_steps: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.log or self.metrics)
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> "ProbeConfig":
+        """The probe part of an extra config: flat `probe_*` keys or a nested `probe` object."""
+        flat = {k[len("probe_"):]: v for k, v in extra.items() if k.startswith("probe_")}
+        nested = extra.get("probe")
+        if nested is not None and flat:
+            raise ConfigError("pdpush: give the probe either as `probe` or as `probe_*` keys, not both")
+        if nested is not None and not isinstance(nested, dict):
+            raise ConfigError(f"pdpush: probe must be an object, got {nested!r}")
+        return cls.parse(flat if nested is None else nested, "probe." if nested is not None else "probe_")
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], prefix: str) -> "ProbeConfig":
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(prefix + k for k in raw if k not in known)
+        if unknown:
+            raise ConfigError(f"pdpush: unknown probe setting(s) {unknown}; "
+                              f"known: {[prefix + k for k in known]}")
+        ab_steps = raw.get("ab_steps", cls.ab_steps)
+        if isinstance(ab_steps, bool) or not isinstance(ab_steps, int) or ab_steps < 0:
+            raise ConfigError(f"pdpush: {prefix}ab_steps must be an integer >= 0, got {ab_steps!r}")
+        log = raw.get("log")
+        return cls(log=None if log is None else str(log),
+                   metrics=_endpoint(prefix + "metrics", raw.get("metrics")),
+                   rx=_choice(prefix + "rx", raw.get("rx", cls.rx), PROBE_RX),
+                   timer=_choice(prefix + "timer", raw.get("timer", cls.timer), PROBE_TIMER),
+                   ab_steps=ab_steps)
+
+
+def _endpoint(key: str, value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = str(value).rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"pdpush: {key} must be a port or host:port, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"pdpush: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
 class PdpushConfig:
     """Knobs of both roles. D uses the policy/rpc ones, P the push ones; unknown keys fail."""
 
-    # D: the P instances (OpenAI base URLs) it may send prefills to.
+    # D only: the P instances (OpenAI base URLs) it may send prefills to. Rejected on P, so that
+    # the extra config alone tells the roles apart (see `is_decode_extra`).
     prefill_urls: tuple[str, ...] = ()
     # D: prefill remotely only when at least this many prompt tokens miss D's prefix cache.
     remote_threshold_tokens: int = 256
@@ -51,20 +122,21 @@ class PdpushConfig:
     stats_port: int = 0
     # P: how long P waits for D's side channel before giving up on a request.
     side_channel_timeout_s: float = 5.0
-    # Extra keys owned by the step probe, kept verbatim.
-    probe: dict[str, Any] = field(default_factory=dict)
+    # D: the step probe; off unless it names a log or a metrics endpoint.
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None, role: str) -> "PdpushConfig":
         """Parse and validate; `role` is vLLM's kv_role (kv_consumer = D, kv_producer = P)."""
         extra = dict(extra or {})
-        probe = {k: extra.pop(k) for k in list(extra) if k.startswith("probe")}
+        probe = ProbeConfig.from_extra(extra)
+        extra = {k: v for k, v in extra.items() if k != "probe" and not k.startswith("probe_")}
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "probe"}
         unknown = sorted(set(extra) - set(known))
         if unknown:
             raise ConfigError(
                 f"pdpush: unknown kv_connector_extra_config key(s) {unknown}; "
-                f"known: {sorted(known)}"
+                f"known: {sorted([*known, 'probe'])}"
             )
         values = {name: _coerce(name, known[name].type, value) for name, value in extra.items()}
         config = cls(**values, probe=probe)
@@ -73,7 +145,7 @@ class PdpushConfig:
 
     def validate(self, role: str) -> None:
         """Reject values that cannot work; one message per problem, naming the key."""
-        if role not in ("kv_consumer", "kv_producer"):
+        if role not in (DECODE_ROLE, PREFILL_ROLE):
             raise ConfigError(f"pdpush: kv_role must be kv_consumer (D) or kv_producer (P), not {role!r}")
         positive = ("max_inflight_per_prefill", "max_prefill_queue", "prefill_timeout_s",
                     "health_interval_s", "retry_after_s", "side_channel_timeout_s")
@@ -93,8 +165,20 @@ class PdpushConfig:
         for url in self.prefill_urls:
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"pdpush: prefill_urls entries must be http(s) URLs, got {url!r}")
-        if role == "kv_consumer" and not self.prefill_urls:
+        if role == DECODE_ROLE and not self.prefill_urls:
             raise ConfigError("pdpush: D (kv_consumer) needs at least one entry in prefill_urls")
+        if role == PREFILL_ROLE and self.prefill_urls:
+            raise ConfigError("pdpush: prefill_urls is D's setting (kv_consumer); P takes none")
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(self.remote_threshold_tokens, self.max_inflight_per_prefill,
+                            self.max_prefill_queue, self.retry_after_s)
+
+    @staticmethod
+    def is_decode_extra(extra: dict[str, Any] | None) -> bool:
+        """D or P from the extra config alone, for the one vLLM hook that gets nothing else
+        (`requires_piecewise_for_cudagraph`): validation makes prefill_urls D-only."""
+        return bool((extra or {}).get("prefill_urls"))
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:
@@ -137,9 +221,9 @@ def decode_kv_config(prefill_urls: list[str] | tuple[str, ...], **opts: Any) -> 
     """
     extra = {"prefill_urls": list(prefill_urls), **opts}
     policy = "fail" if opts.get("on_failure") == "error" else "recompute"
-    return _kv_config("kv_consumer", policy, extra)
+    return _kv_config(DECODE_ROLE, policy, extra)
 
 
 def prefill_kv_config(**opts: Any) -> dict[str, Any]:
     """The `--kv-transfer-config` of a P that pushes the KV of each prefill into its D."""
-    return _kv_config("kv_producer", "fail", dict(opts))
+    return _kv_config(PREFILL_ROLE, "fail", dict(opts))

@@ -1,15 +1,19 @@
-"""D's scheduler half: decide local vs remote, send do_prefill, hold blocks under a lease.
+"""D's scheduler half: a request's whole life on D, one `DecodeRequest` record per request.
 
-Life of a remote prefill on D (request R):
-1. `get_num_new_matched_tokens`: the policy picks a P; vLLM is told the uncached tokens will
-   arrive asynchronously, so it allocates R's blocks and parks R in WAITING_FOR_REMOTE_KVS.
+Life of a remote prefill on D (request R), by vLLM hook:
+1. `get_num_new_matched_tokens`: the policy picks a P (CHOSEN); vLLM is told the uncached tokens
+   will arrive asynchronously, so it allocates R's blocks and parks R in WAITING_FOR_REMOTE_KVS.
+   A local decision makes R LOCAL.
 2. `update_state_after_alloc`: D's block ids are known; the do_prefill call is queued on the rpc
-   thread (the scheduler never waits) and the workers are told to expect R's notification.
-3. Workers report R in finished_recving once P's completion notification arrived (then R joins
-   decode) or in failed_recving (then vLLM recomputes R locally, or fails it: on_failure).
-4. If P errs, is unreachable, or the lease runs out (deadline + grace), the workers are told to
-   give R up. Blocks are reused only after P confirmed or the lease ended: P posts no WRITE past
-   the deadline, so nothing lands in a block D handed to someone else.
+   thread (the scheduler never waits) and the workers are told to expect R (WAITING_FOR_KV).
+3. `update_connector_output`: the workers report R received once P's completion notification
+   arrived (READY), or failed (FALLBACK: vLLM recomputes R locally, or fails it: on_failure).
+4. `build_meta`: if P errs, is unreachable, or the lease runs out (deadline + grace), the workers
+   are told to give R up. Blocks are reused only after P confirmed or the lease ended: P posts no
+   WRITE past the deadline, so nothing lands in a block D handed to someone else.
+5. `request_finished`: R's placement goes back to the client as `kv_transfer_params.pdpush` and
+   the record is dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or
+   greedy with P's first token still unknown (AWAITING_P_TOKEN until P's answer is compared).
 """
 
 from __future__ import annotations
@@ -17,29 +21,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pdpush.connector.config import PdpushConfig
-from pdpush.connector.metadata import (
-    DecodeStepMeta, ParamsError, PushTarget, client_mode,
-)
-from pdpush.policy import Policy, PolicyConfig
+from pdpush.connector.decode_request import DecodeRequest, Placement, Status
+from pdpush.connector.metadata import DecodeStepMeta, ParamsError, PushTarget, client_mode
+from pdpush.connector.stats import serve_scheduler_stats
+from pdpush.policy import Policy
+from pdpush.probe import batch_stats_from
 from pdpush.rpc.prefill_client import HealthReport, PrefillClient, PrefillJob, PrefillResult
-
-if TYPE_CHECKING:
-    from vllm.v1.request import Request
+from pdpush.vllm_api import BlockAccess, RequestView, Sampling, StepView, Transfers
 
 log = logging.getLogger("vllm.pdpush.decode")  # under vllm: shown in its log
-
-
-@dataclass
-class RemotePrefill:
-    """One request whose KV is on its way from a P."""
-
-    url: str
-    lease_end: float
-    give_up: bool = False  # told the workers to stop waiting
-    aborted: bool = False  # the client went away while waiting
 
 
 @dataclass
@@ -58,128 +51,130 @@ class DecodeScheduler:
     config: PdpushConfig
     block_size: int
     engine_id: str
-    probe_enabled: bool = False
-    policy: Policy = field(init=False)
     client: Any = None  # PrefillClient; tests pass a stand-in
+    policy: Policy = field(init=False)
     counters: DecodeCounters = field(default_factory=DecodeCounters)
-    _chosen: dict[str, str] = field(default_factory=dict)  # between match and alloc
-    _remote: dict[str, RemotePrefill] = field(default_factory=dict)
-    _local_only: set[str] = field(default_factory=set)  # failed remotes, recomputed here
-    _where: dict[str, dict[str, Any]] = field(default_factory=dict)  # for the response
-    _expect: list[str] = field(default_factory=list)
-    _awaiting_p_token: dict[str, int] = field(default_factory=dict)  # D's first token, by request
+    stats_server: Any = None
+    _requests: dict[str, DecodeRequest] = field(default_factory=dict)
+    _expect: list[str] = field(default_factory=list)  # for the next step's workers
 
     def __post_init__(self) -> None:
-        cfg = self.config
-        self.policy = Policy.for_urls(
-            PolicyConfig(cfg.remote_threshold_tokens, cfg.max_inflight_per_prefill,
-                         cfg.max_prefill_queue, cfg.retry_after_s),
-            cfg.prefill_urls,
-        )
+        self.policy = Policy.for_urls(self.config.policy_config(), self.config.prefill_urls)
         if self.client is None:
-            self.client = PrefillClient(cfg.prefill_urls, cfg.health_interval_s)
+            self.client = PrefillClient(self.config.prefill_urls, self.config.health_interval_s)
 
-    # -- vLLM hooks ------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: "Request", num_computed: int) -> tuple[int, bool]:
+    # -- vLLM hooks, in the order a request meets them ----------------------------------------
+    def get_num_new_matched_tokens(self, request: RequestView, num_computed: int) -> tuple[int, bool]:
         req_id = request.request_id
-        if req_id in self._remote or req_id in self._local_only:
+        rec = self._requests.get(req_id)
+        if rec is not None and rec.status in (Status.WAITING_FOR_KV, Status.FALLBACK):
             return 0, False
         self._collect_rpc(time.time())  # an idle D builds no steps: fresh health before deciding
         try:
             mode, _ = client_mode(request.kv_transfer_params)
         except ParamsError as exc:
-            self._where[req_id] = {"prefill": "local", "pdpush_error": str(exc)}
+            self._local(req_id, Placement("local", pdpush_error=str(exc)))
             return 0, False
         uncached = request.num_prompt_tokens - num_computed
         if mode == "local":
-            decision_url, reason = None, "client_asked_local"
+            url, reason = None, "client_asked_local"
         elif request.num_tokens > request.num_prompt_tokens:  # preempted and resumed: has output
-            decision_url, reason = None, "resumed"
+            url, reason = None, "resumed"
         else:
             decision = self.policy.choose(uncached, time.time(), force_remote=mode == "remote")
-            decision_url, reason = decision.url, decision.reason
-        if decision_url is None:
-            self._chosen.pop(req_id, None)
-            self._where[req_id] = {"prefill": "local", "reason": reason}
+            url, reason = decision.url, decision.reason
+        if url is None:
+            self._local(req_id, Placement("local", reason=reason))
             return 0, False
-        self._chosen[req_id] = decision_url
+        self._requests[req_id] = DecodeRequest(req_id, Status.CHOSEN, url=url)
         return uncached, True
 
-    def update_state_after_alloc(self, request: "Request", blocks: Any, num_external: int) -> None:
-        req_id = request.request_id
-        url = self._chosen.pop(req_id, None)
-        if num_external == 0 or url is None:
+    def update_state_after_alloc(self, request: RequestView, block_ids: list[int],
+                                 num_external: int) -> None:
+        rec = self._requests.get(request.request_id)
+        if rec is None or rec.status is not Status.CHOSEN:
             return
-        block_ids = list(blocks.get_block_ids()[0])
+        if num_external == 0:
+            self._drop(rec)
+            return
+        assert rec.url is not None
         skip = request.num_prompt_tokens - num_external
         deadline = time.time() + self.config.prefill_timeout_s
-        target = PushTarget(req_id, self.engine_id,
+        target = PushTarget(rec.req_id, self.engine_id,
                             f"{self.config.side_channel_host}:{self.config.side_channel_port}",
                             tuple(block_ids), skip, self.block_size, deadline)
-        sp = request.sampling_params
-        greedy = sp is not None and sp.temperature < 1e-5
         _, tokens = client_mode(request.kv_transfer_params)  # validated in the match step
         self.client.submit(PrefillJob(
-            req_id, url, tokens or list(request.prompt_token_ids), _sampling_for_p(sp),
-            target.to_params(), deadline,
+            rec.req_id, rec.url, tokens or list(request.prompt_token_ids),
+            _sampling_for_p(request.sampling), target.to_params(), deadline,
         ))
-        self.policy.started(url)
-        self._remote[req_id] = RemotePrefill(url, deadline + self.config.lease_grace_s)
-        self._where[req_id] = {"prefill": "remote", "url": url, "skip_tokens": skip,
-                               "greedy": greedy}
-        self._expect.append(req_id)
+        self.policy.started(rec.url)
+        rec.status, rec.lease_end = Status.WAITING_FOR_KV, deadline + self.config.lease_grace_s
+        rec.placement = Placement("remote", url=rec.url, skip_tokens=skip)
+        rec.greedy = request.sampling is not None and request.sampling.temperature < 1e-5
+        self._expect.append(rec.req_id)
         self.counters.remote += 1
 
-    def build_meta(self, scheduler_output: Any) -> DecodeStepMeta:
+    def build_meta(self, step: StepView | None) -> DecodeStepMeta:
         now = time.time()
         self._collect_rpc(now)
         give_up = []
-        for req_id, rec in self._remote.items():
+        for rec in self._requests.values():
+            if rec.status is not Status.WAITING_FOR_KV:
+                continue
             if not rec.give_up and now > rec.lease_end:
-                log.warning("pdpush: %s: no KV from %s before the lease ended", req_id, rec.url)
+                log.warning("pdpush: %s: no KV from %s before the lease ended", rec.req_id, rec.url)
                 rec.give_up = True
             if rec.give_up:
-                give_up.append(req_id)
+                give_up.append(rec.req_id)
         meta = DecodeStepMeta(expect=self._expect, give_up=give_up)
-        if self.probe_enabled:
-            from pdpush.probe import batch_stats_from
-
-            meta.batch_stats = batch_stats_from(scheduler_output)
+        if self.config.probe.enabled and step is not None:
+            meta.batch_stats = batch_stats_from(step)
         self._expect = []
         return meta
 
-    def update_connector_output(self, finished_recving: set[str], failed: set[str]) -> None:
-        for req_id in finished_recving:
-            rec = self._remote.pop(req_id, None)
-            if rec is None:
+    def update_connector_output(self, transfers: Transfers) -> None:
+        for req_id in transfers.received:
+            rec = self._requests.get(req_id)
+            if rec is None or rec.status is not Status.WAITING_FOR_KV:
                 continue
             if rec.aborted:
-                self._where.pop(req_id, None)
-            elif req_id in failed:
+                self._drop(rec)  # vLLM frees R's blocks now: nothing more to track
+            elif req_id in transfers.failed:
                 self.counters.fallback += 1
-                self._local_only.add(req_id)
-                self._where[req_id] = {**self._where.get(req_id, {}), "prefill": "fallback"}
+                rec.status = Status.FALLBACK
+                assert rec.placement is not None
+                rec.placement.prefill = "fallback"
             else:
                 self.counters.remote_ok += 1
+                rec.status = Status.READY
 
-    def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: RequestView) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._collect_rpc(time.time())
-        self._chosen.pop(req_id, None)
-        self._local_only.discard(req_id)
-        rec = self._remote.get(req_id)
-        if rec is not None:  # still waiting for KV: hold the blocks until P confirms or lease ends
+        rec = self._requests.get(req_id)
+        if rec is None:
+            return False, None
+        if rec.status is Status.WAITING_FOR_KV:  # hold the blocks until P confirms or lease ends
             rec.aborted = True
             self.counters.aborted_waiting += 1
             if self.client.cancel(req_id):
                 log.info("pdpush: %s aborted while waiting for KV; cancelled do_prefill", req_id)
             return True, None
-        where = self._where.pop(req_id, None)
-        if where is None:
+        if rec.placement is None:  # CHOSEN, never allocated
+            self._drop(rec)
             return False, None
-        self.counters.local += where["prefill"] == "local"
-        self._check_first_token(req_id, where, request.output_token_ids)
-        return False, {"pdpush": where}
+        self.counters.local += rec.placement.prefill == "local"
+        self._check_first_token(rec, request.output_token_ids)
+        if rec.status is not Status.AWAITING_P_TOKEN:
+            self._drop(rec)
+        return False, {"pdpush": rec.placement.to_params()}
+
+    def bind_blocks(self, blocks: BlockAccess) -> None:
+        self.stats_server = serve_scheduler_stats(self.config, "D", blocks, self.stats)
+
+    def has_pending(self) -> bool:
+        return False  # D pushes nothing
 
     def stats(self) -> dict[str, Any]:
         """Counters, the policy's inputs per P, and what is waiting (for /stats and tests)."""
@@ -187,12 +182,22 @@ class DecodeScheduler:
         peers = {p.url: {"inflight": p.inflight, "queue": p.queue, "healthy": p.available(now),
                          "completed": p.completed, "failed": p.failed}
                  for p in self.policy.peers.values()}
-        return {**asdict(self.counters), "waiting_for_kv": len(self._remote), "prefills": peers}
+        waiting = sum(r.status is Status.WAITING_FOR_KV for r in self._requests.values())
+        return {**asdict(self.counters), "waiting_for_kv": waiting, "prefills": peers}
 
     def close(self) -> None:
         self.client.close()
+        if self.stats_server is not None:
+            self.stats_server.close()
 
     # -- internals -------------------------------------------------------------------------
+    def _drop(self, rec: DecodeRequest) -> None:
+        rec.status = Status.DONE
+        del self._requests[rec.req_id]
+
+    def _local(self, req_id: str, placement: Placement) -> None:
+        self._requests[req_id] = DecodeRequest(req_id, Status.LOCAL, placement)
+
     def _collect_rpc(self, now: float) -> None:
         # In the order they happened: an old failed outcome must not undo a newer good check.
         events = [*self.client.drain_health(), *self.client.drain_results()]
@@ -203,32 +208,36 @@ class DecodeScheduler:
                 self._on_result(event, now)
 
     def _on_result(self, result: PrefillResult, now: float) -> None:
+        """P's answer to do_prefill; it may come after the KV, even after D finished R."""
         self.policy.finished(result.url, result.ok, now)
-        where = self._where.get(result.req_id)
-        d_token = self._awaiting_p_token.pop(result.req_id, None)
-        if result.first_token is not None:  # P's answer may come after the KV, even after D
-            if where is not None:           # finished the request
-                where["p_first_token"] = result.first_token
-            elif d_token is not None:
-                self._compare_first_tokens(result.req_id, result.first_token, d_token)
-        rec = self._remote.get(result.req_id)
-        if rec is None:
+        rec = self._requests.get(result.req_id)
+        if rec is None or rec.placement is None:
             return
-        if not result.ok:
+        rec.p_answered = True
+        if rec.status is Status.AWAITING_P_TOKEN:
+            self._drop(rec)
+            if result.first_token is not None and rec.d_first_token is not None:
+                self._compare_first_tokens(rec.req_id, result.first_token, rec.d_first_token)
+            return
+        if result.first_token is not None:
+            rec.placement.p_first_token = result.first_token
+        if rec.status is Status.WAITING_FOR_KV and not result.ok:
             log.warning("pdpush: %s: remote prefill on %s failed: %s",
-                        result.req_id, result.url, result.error)
-            self._where[result.req_id]["error"] = result.error
+                        rec.req_id, result.url, result.error)
+            rec.placement.error = result.error
             rec.give_up = rec.give_up or not result.may_have_written
 
-    def _check_first_token(self, req_id: str, where: dict[str, Any], output: list[int]) -> None:
+    def _check_first_token(self, rec: DecodeRequest, output: Any) -> None:
         """Greedy: P's first token must equal D's; compared now or once P's answer arrives."""
-        p_token = where.get("p_first_token")
-        if not where.pop("greedy", False) or not output:
+        assert rec.placement is not None
+        if not rec.greedy or not output:
             return
+        p_token = rec.placement.p_first_token
         if p_token is None:
-            self._awaiting_p_token[req_id] = output[0]
-        elif not self._compare_first_tokens(req_id, p_token, output[0]):
-            where["first_token_mismatch"] = True
+            if not rec.p_answered:  # P's answer is still to come: keep the record until then
+                rec.status, rec.d_first_token = Status.AWAITING_P_TOKEN, output[0]
+        elif not self._compare_first_tokens(rec.req_id, p_token, output[0]):
+            rec.placement.first_token_mismatch = True
 
     def _compare_first_tokens(self, req_id: str, p_token: int, d_token: int) -> bool:
         """A difference under greedy sampling suggests corrupt or missing KV: log and count."""
@@ -241,7 +250,7 @@ class DecodeScheduler:
         return False
 
 
-def _sampling_for_p(sp: Any) -> dict[str, Any]:
+def _sampling_for_p(sp: Sampling | None) -> dict[str, Any]:
     """The sampling fields P needs for its one token (its value is only checked when greedy)."""
     if sp is None:
         return {"temperature": 0.0}

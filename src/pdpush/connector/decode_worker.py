@@ -4,6 +4,8 @@ Per step it does no per-request work for requests still waiting for KV: it only 
 agent's notifications. A request is reported received after P's completion notification (sent
 after P saw every WRITE complete) and after the receive fence (flush rule, transfer/ordering.py);
 it is reported failed when P says so or when the scheduler gives it up (lease ended).
+On the first rank it also runs the step probe (pdpush.probe) around each forward, when
+configured: `bind` opens the step, `wait_for_save` closes it.
 """
 
 from __future__ import annotations
@@ -16,21 +18,23 @@ from typing import Any
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.kv_region import LocalKV
 from pdpush.connector.metadata import DecodeStepMeta, Notif
+from pdpush.probe import StepProbe
 from pdpush.rpc.json_server import JsonServer
 from pdpush.transfer.engine import TransferEngine
 from pdpush.transfer.ordering import ReceiveFence
+from pdpush.vllm_api import Transfers
 
 log = logging.getLogger("vllm.pdpush.decode")  # under vllm: shown in its log
 EARLY_NOTIF_TTL_S = 600.0  # a notification may beat the scheduler's "expect": keep it a while
 
 
 class DecodeWorker:
-    def __init__(self, config: PdpushConfig, engine_id: str, rank: int, num_blocks: int,
-                 probe: Any = None) -> None:
+    def __init__(self, config: PdpushConfig, engine_id: str, rank: int, num_blocks: int) -> None:
         self.config = config
         self.rank = rank
         self.num_blocks = num_blocks
-        self.probe = probe
+        self.probe = StepProbe.from_config(config.probe, rank)
+        self._batch_stats: Any = None  # this step's, for the probe
         self.agent_name = f"pdpush-d-{engine_id}-{rank}"
         self.engine: TransferEngine | None = None
         self.fence: ReceiveFence | None = None
@@ -60,7 +64,11 @@ class DecodeWorker:
                 "metadata": base64.b64encode(self.engine.metadata()).decode(),
                 **self.kv.describe()}
 
-    def start_load_kv(self, meta: DecodeStepMeta) -> None:
+    def bind(self, meta: DecodeStepMeta) -> None:
+        """Before the forward: which requests to expect or give up on; the probe's step opens."""
+        if self.probe is not None:
+            self.probe.step_begin()
+            self._batch_stats = meta.batch_stats
         self._expected.update(meta.expect)
         for req_id in meta.expect:
             early = self._early.pop(req_id, None)
@@ -72,12 +80,23 @@ class DecodeWorker:
                 self._done.add(req_id)
                 self._failed.add(req_id)
 
-    def transfer_results(self) -> tuple[set[str], set[str]]:
-        """(received, failed) since the last call; failed ones are in received too (vLLM's rule)."""
+    def handle_preemptions(self, meta: DecodeStepMeta) -> None:
+        return  # D writes nothing a preempted request could race with
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any) -> None:
+        return  # D's KV arrives by WRITE from P
+
+    def wait_for_save(self) -> None:
+        """After the forward: the probe's step closes."""
+        if self.probe is not None:
+            self.probe.step_end(self._batch_stats, self.rx_bytes)
+
+    def transfer_results(self, finished_req_ids: set[str]) -> Transfers:
+        """Received and failed since the last call; failed ones are received too (vLLM's rule)."""
         self._poll()
         done, failed = self._done, self._failed
         self._done, self._failed = set(), set()
-        return done, failed
+        return Transfers(received=done, failed=failed)
 
     def _poll(self) -> None:
         if self.engine is None:
@@ -108,6 +127,8 @@ class DecodeWorker:
             self._failed.add(notif.d_req_id)
 
     def close(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
         if self.server is not None:
             self.server.close()
         if self.engine is not None:

@@ -6,7 +6,7 @@
 - `Notif`: P worker → D worker over NIXL after the last WRITE (or instead of it, on failure).
 
 No vLLM import, so all of it is unit-tested in milliseconds; the facade wraps the step metas in
-vLLM's KVConnectorMetadata.
+vLLM's KVConnectorMetadata (pdpush.vllm_api.StepMeta).
 """
 
 from __future__ import annotations

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pdpush.connector.config import PdpushConfig
 from pdpush.connector.metadata import (
     ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
 )
-
-if TYPE_CHECKING:
-    from vllm.v1.request import Request
+from pdpush.connector.stats import serve_scheduler_stats
+from pdpush.vllm_api import BlockAccess, RequestView, StepView, Transfers
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
 
@@ -36,7 +37,10 @@ class Push:
 @dataclass
 class PrefillScheduler:
     block_size: int
-    get_block_ids: Any = None  # req_id -> P block ids of group 0 (bound to vLLM's manager)
+    config: PdpushConfig = field(default_factory=PdpushConfig)
+    # req_id -> P's block ids (BlockAccess.block_ids once vLLM bound its cache manager)
+    block_ids: Callable[[str], Sequence[int]] | None = None
+    stats_server: Any = None
     _pushes: dict[str, Push] = field(default_factory=dict)
     _errors: dict[str, str] = field(default_factory=dict)
     _held: set[str] = field(default_factory=set)
@@ -45,7 +49,7 @@ class PrefillScheduler:
     planned_tasks: int = 0  # (request, step) pairs handed to the workers: chunks pushed
     rejected_requests: int = 0
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: RequestView, num_computed: int) -> tuple[int, bool]:
         """P loads nothing; this is where the push target is read and validated (idempotent)."""
         req_id = request.request_id
         if req_id in self._pushes or req_id in self._errors:
@@ -66,16 +70,19 @@ class PrefillScheduler:
                                     target.skip_tokens // self.block_size)
         return 0, False
 
-    def build_meta(self, scheduler_output: Any) -> PrefillStepMeta:
-        computed = _computed_before_step(scheduler_output)
-        meta = PrefillStepMeta(stopped=self._stopped, preempted=[
-            r for r in scheduler_output.preempted_req_ids or () if r in self._pushes])
+    def update_state_after_alloc(self, request: RequestView, block_ids: list[int],
+                                 num_external: int) -> None:
+        return  # P loads nothing
+
+    def build_meta(self, step: StepView) -> PrefillStepMeta:
+        meta = PrefillStepMeta(stopped=self._stopped,
+                               preempted=[r for r in step.preempted if r in self._pushes])
         self._stopped = {}
-        for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
+        for req_id, (computed, num_new) in step.scheduled.items():
             push = self._pushes.get(req_id)
-            if push is None or push.planned_last or req_id not in computed:
+            if push is None or push.planned_last:
                 continue
-            task = self.plan(req_id, push, computed[req_id] + num_new)
+            task = self.plan(req_id, push, computed + num_new)
             if task is not None:
                 meta.tasks.append(task)
                 self.planned_tasks += 1
@@ -91,10 +98,11 @@ class PrefillScheduler:
             return None
         push.next_block = max(start, end)
         push.planned_last = last
-        p_ids = list(self.get_block_ids(req_id)[start:end]) if end > start else []
+        assert self.block_ids is not None, "bind_blocks() comes before the first step"
+        p_ids = list(self.block_ids(req_id)[start:end]) if end > start else []
         return PushTask(req_id, push.target, p_ids, list(push.target.d_block_ids[start:end]), last)
 
-    def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: RequestView) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         error = self._errors.pop(req_id, None)
         if error is not None:
@@ -108,7 +116,7 @@ class PrefillScheduler:
         self.pushed_requests += 1
         return True, {"pdpush": {"pushed": push.planned_last}}
 
-    def _unseen_push(self, request: "Request") -> Push | None:
+    def _unseen_push(self, request: RequestView) -> Push | None:
         """A push request aborted before P looked at it: still stop it, so D hears of it."""
         try:
             target = PushTarget.from_params(request.kv_transfer_params)
@@ -119,8 +127,12 @@ class PrefillScheduler:
         push = self._pushes[request.request_id] = Push(target, request.num_prompt_tokens, 0)
         return push
 
-    def update_connector_output(self, finished_sending: set[str]) -> None:
-        for req_id in finished_sending:
+    def bind_blocks(self, blocks: BlockAccess) -> None:
+        self.block_ids = blocks.block_ids
+        self.stats_server = serve_scheduler_stats(self.config, "P", blocks, self.stats)
+
+    def update_connector_output(self, transfers: Transfers) -> None:
+        for req_id in transfers.sent:
             self._held.discard(req_id)
             self._pushes.pop(req_id, None)
 
@@ -133,12 +145,5 @@ class PrefillScheduler:
                 "held_requests": len(self._held), "tracked_requests": len(self._pushes)}
 
     def close(self) -> None:
-        return
-
-
-def _computed_before_step(scheduler_output: Any) -> dict[str, int]:
-    """Tokens each scheduled request had computed before this step (new and running ones)."""
-    computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
-    cached = scheduler_output.scheduled_cached_reqs
-    computed.update(zip(cached.req_ids, cached.num_computed_tokens))
-    return computed
+        if self.stats_server is not None:
+            self.stats_server.close()

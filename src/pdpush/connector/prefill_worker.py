@@ -23,6 +23,7 @@ from pdpush.rpc.json_server import get_json
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
 from pdpush.transfer.layout import RunPlan
 from pdpush.transfer.ordering import OrderedPoster
+from pdpush.vllm_api import Transfers
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
 
@@ -61,7 +62,7 @@ class PrefillWorker:
         self._tasks: list[PushTask] = []
         self._plans: list[tuple[PushTask, RunPlan]] = []  # this step's, built once in bind()
         self._layer_index: dict[str, int] = {}
-        self._finished: set[str] = set()
+        self._finished: set[str] = set()  # finished in vLLM, WRITEs maybe still in flight
         self._poster: OrderedPoster[WriteJob, tuple[WriteJob, Transfer | None, str]] = (
             OrderedPoster(self._post, name=f"pdpush-post-{rank}"))
 
@@ -110,6 +111,9 @@ class PrefillWorker:
         out.stopped = reason
         log.error("pdpush: %s: %s", req_id, reason)
 
+    def handle_preemptions(self, meta: PrefillStepMeta) -> None:
+        self.finish_writes(meta.preempted)
+
     def finish_writes(self, req_ids: list[str]) -> None:
         """Before the forward: wait out the WRITEs of preempted requests (blocks about to be
         reused must not be read by a WRITE still in flight)."""
@@ -147,9 +151,11 @@ class PrefillWorker:
                 log.warning("pdpush: %s: stopped pushing to D: %s", job.req_id, error)
         self._tasks, self._plans = [], []
 
-    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
-        """Requests whose WRITEs all completed and whose notification went out, once finished."""
-        self._finished |= finished_req_ids
+    def transfer_results(self, finished_req_ids: set[str]) -> Transfers:
+        """Requests whose WRITEs all completed and whose notification went out, once finished.
+        Only pushes are tracked: a finished request that never pushed is not P's to release
+        (vLLM reports a push's finish in the same step whose metadata bound it, or later)."""
+        self._finished |= finished_req_ids & self._out.keys()
         released = set()
         for req_id, out in list(self._out.items()):
             if not self._settled(req_id, out):
@@ -158,7 +164,7 @@ class PrefillWorker:
                 released.add(req_id)
                 self._finished.discard(req_id)
                 del self._out[req_id]
-        return released
+        return Transfers(sent=released)
 
     def _settled(self, req_id: str, out: Outgoing) -> bool:
         """Poll; once nothing is in flight and the request is complete or stopped, notify D."""

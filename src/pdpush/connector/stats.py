@@ -7,9 +7,13 @@ mismatches (suspected KV corruption) and, per P, the policy's inputs (in flight,
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pdpush.rpc.json_server import JsonServer
+
+if TYPE_CHECKING:
+    from pdpush.connector.config import PdpushConfig
+    from pdpush.vllm_api import BlockAccess
 
 
 def prometheus_text(stats: dict[str, Any]) -> str:
@@ -26,3 +30,13 @@ def prometheus_text(stats: dict[str, Any]) -> str:
 
 def serve_stats(host: str, port: int, collect: Callable[[], dict[str, Any]]) -> JsonServer:
     return JsonServer(host, port, {"/stats": collect, "/metrics": lambda: prometheus_text(collect())})
+
+
+def serve_scheduler_stats(config: "PdpushConfig", role: str, blocks: "BlockAccess",
+                          collect: Callable[[], dict[str, Any]]) -> JsonServer | None:
+    """A scheduler half's stats with the engine's free/total KV blocks, when stats_port is set."""
+    if not config.stats_port:
+        return None
+    return serve_stats(config.side_channel_host, config.stats_port,
+                       lambda: {"role": role, "free_blocks": blocks.free_blocks(),
+                                "total_blocks": blocks.total_blocks(), **collect()})

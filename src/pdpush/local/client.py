@@ -71,8 +71,6 @@ def complete(
 
 def prompt_tokens_served(client: httpx.Client, base_url: str) -> float:
     """vLLM's `vllm:prompt_tokens_total` counter of a server (summed over its label sets)."""
-    total = 0.0
-    for line in client.get(f"{base_url}/metrics", timeout=10.0).text.splitlines():
-        if line.startswith("vllm:prompt_tokens_total"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    from pdpush.vllm_api import PROMPT_TOKENS_TOTAL, parse_metrics
+
+    return parse_metrics(client.get(f"{base_url}/metrics", timeout=10.0).text).get(PROMPT_TOKENS_TOTAL, 0.0)

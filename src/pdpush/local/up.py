@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 from pdpush.command import RunError, UsageError, positive_int
+from pdpush.connector.config import PdpushConfig
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that starts a local cluster."""
     parser.add_argument("--model", type=Path, help="local model folder (default: the tiny built-in model)")
     parser.add_argument("--prefills", type=positive_int, default=1, metavar="N", help="number of P instances (default 1)")
-    parser.add_argument("--threshold", type=int, default=256, metavar="TOKENS",
-                        help="prefill remotely when at least this many prompt tokens miss D's cache (default 256)")
+    parser.add_argument("--threshold", type=int, default=PdpushConfig.remote_threshold_tokens, metavar="TOKENS",
+                        help="prefill remotely when at least this many prompt tokens miss D's cache (default %(default)s)")
     parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="server logs (default out/logs)")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 import httpx
 
-_WAITING = re.compile(r"^vllm:num_requests_waiting\{[^}]*\}\s+([0-9.eE+]+)", re.MULTILINE)
+from pdpush.vllm_api import WAITING_REQUESTS, parse_metrics
 
 
 @dataclass
@@ -95,9 +94,10 @@ class PrefillClient:
         await self._client.aclose()
 
     def submit(self, job: PrefillJob) -> None:
-        future = self._loop.call(self._do_prefill(job))
+        # Stored under the lock the call's own clean-up takes: a call that ends at once (P
+        # unreachable) cannot remove its entry before it is stored, and so leave it behind.
         with self._lock:
-            self._calls[job.req_id] = future
+            self._calls[job.req_id] = self._loop.call(self._do_prefill(job))
 
     def cancel(self, req_id: str) -> bool:
         """Abandon a call (P aborts the request on disconnect); True if one was in flight."""
@@ -173,9 +173,9 @@ class PrefillClient:
             health = await self._client.get(f"{url}/health", timeout=timeout)
             metrics = await self._client.get(f"{url}/metrics", timeout=timeout)
             ok = health.status_code == 200
-            waiting = _WAITING.search(metrics.text) if metrics.status_code == 200 else None
-            self._health.put(HealthReport(url, ok, int(float(waiting.group(1))) if waiting else 0))
-        except httpx.HTTPError:
+            samples = parse_metrics(metrics.text) if metrics.status_code == 200 else {}
+            self._health.put(HealthReport(url, ok, int(samples.get(WAITING_REQUESTS, 0))))
+        except (httpx.HTTPError, ValueError):  # ValueError: /metrics that is not Prometheus text
             self._health.put(HealthReport(url, False))
 
 

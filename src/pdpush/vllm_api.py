@@ -1,0 +1,193 @@
+"""The one module that imports vLLM or knows the names of its objects and fields.
+
+The rest of pdpush sees plain pdpush types: `RequestView` instead of vLLM's Request, `StepView`
+instead of SchedulerOutput, `Transfers` instead of KVConnectorOutput / KVConnectorTransferResults,
+`BlockAccess` instead of the KV cache manager, and `parse_metrics` for the text of vLLM's
+/metrics. Support for another vLLM version goes here, as a named difference next to the 0.32
+code it replaces, e.g. vLLM 0.26 has no KVConnectorTransferResults (completions come from the
+worker's `get_finished()`), `bind_gpu_block_pool` instead of `bind_kv_cache_manager`, and per-block
+load errors (`get_block_ids_with_load_errors`) instead of `failed_recving`.
+
+vLLM itself is imported lazily (module `__getattr__` for `ConnectorBase` and `StepMeta`), so the
+halves, the probe and the HTTP clients import this module without loading vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+SUPPORTED = ((0, 32),)  # (major, minor) versions this module was written against
+
+
+@functools.cache
+def _vllm() -> SimpleNamespace:
+    """vLLM's connector API (0.32), loaded once on first use."""
+    import vllm
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+    class StepMeta(base.KVConnectorMetadata):
+        """vLLM's metadata type around pdpush's plain per-step metadata."""
+
+        def __init__(self, step: Any) -> None:
+            self.step = step
+
+    # Pickled between the scheduler and worker processes: found again as pdpush.vllm_api.StepMeta
+    # (module __getattr__ below), the same class object in every process.
+    StepMeta.__qualname__ = "StepMeta"
+    StepMeta.__module__ = __name__
+
+    version = tuple(int(x) for x in vllm.__version__.split(".")[:2])
+    if version not in SUPPORTED:
+        raise ImportError(f"pdpush: vLLM {vllm.__version__} is not supported (written for "
+                          f"{', '.join('%d.%d' % v for v in SUPPORTED)}); see pdpush/vllm_api.py")
+    return SimpleNamespace(base=base, StepMeta=StepMeta)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ConnectorBase":
+        return _vllm().base.KVConnectorBase_V1
+    if name == "StepMeta":
+        return _vllm().StepMeta
+    raise AttributeError(name)
+
+
+# -- engine set-up ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineSetup:
+    """What a connector instance learns from vLLM when it is built."""
+
+    kv_role: str  # "kv_consumer" (D) or "kv_producer" (P), as the user set it
+    scheduler_side: bool  # the scheduler's instance (engine core), else a worker's
+    engine_id: str
+    block_size: int
+    num_blocks: int
+    extra: dict[str, Any]  # kv_connector_extra_config
+
+
+def engine_setup(vllm_config: Any, role: Any, kv_cache_config: Any) -> EngineSetup:
+    kv = vllm_config.kv_transfer_config
+    return EngineSetup(kv.kv_role, role == _vllm().base.KVConnectorRole.SCHEDULER,
+                       str(kv.engine_id), vllm_config.cache_config.block_size,
+                       kv_cache_config.num_blocks, dict(kv.kv_connector_extra_config or {}))
+
+
+def tensor_parallel_rank() -> int:
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
+# -- requests --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling fields P needs for its one token (their OpenAI names are the same)."""
+
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class RequestView:
+    """The fields of vLLM's Request that pdpush reads, taken at the hook that reads them."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_tokens: int  # prompt + output so far: more than the prompt after a preemption
+    prompt_token_ids: Sequence[int]
+    kv_transfer_params: dict[str, Any] | None
+    output_token_ids: Sequence[int] = ()
+    sampling: Sampling | None = None
+
+
+def request_view(request: Any) -> RequestView:
+    sp = request.sampling_params
+    sampling = None if sp is None else Sampling(sp.temperature, sp.top_p, sp.top_k, sp.seed)
+    return RequestView(request.request_id, request.num_prompt_tokens, request.num_tokens,
+                       request.prompt_token_ids, request.kv_transfer_params,
+                       request.output_token_ids, sampling)
+
+
+def first_group_block_ids(blocks: Any) -> list[int]:
+    """D's block ids of one request from vLLM's KVCacheBlocks (one KV cache group)."""
+    return list(blocks.get_block_ids()[0])
+
+
+@dataclass(frozen=True)
+class BlockAccess:
+    """The scheduler's KV cache manager, as far as pdpush uses it."""
+
+    manager: Any
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return self.manager.get_block_ids(req_id)[0]
+
+    def free_blocks(self) -> int:
+        return self.manager.block_pool.get_num_free_blocks()
+
+    def total_blocks(self) -> int:
+        return self.manager.block_pool.num_gpu_blocks
+
+
+# -- steps -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepView:
+    """One scheduler step: per scheduled request (tokens computed before, tokens this step)."""
+
+    scheduled: dict[str, tuple[int, int]]
+    total_tokens: int
+    preempted: frozenset[str] = frozenset()
+
+
+def step_view(scheduler_output: Any) -> StepView:
+    num_new = scheduler_output.num_scheduled_tokens
+    computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+    cached = scheduler_output.scheduled_cached_reqs
+    computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+    scheduled = {req_id: (done, num_new.get(req_id, 0)) for req_id, done in computed.items()}
+    return StepView(scheduled, int(scheduler_output.total_num_scheduled_tokens),
+                    frozenset(scheduler_output.preempted_req_ids or ()))
+
+
+# -- transfer results ------------------------------------------------------------------------
+@dataclass
+class Transfers:
+    """Requests whose transfers ended, as pdpush's halves report and receive them."""
+
+    sent: set[str] = field(default_factory=set)  # P: WRITEs done and D notified
+    received: set[str] = field(default_factory=set)  # D: KV in (failed ones included)
+    failed: set[str] = field(default_factory=set)  # D: no usable KV: recompute or fail
+
+
+def to_transfer_results(transfers: Transfers) -> Any:
+    """vLLM 0.32's KVConnectorTransferResults (added in 0.32; 0.26 returns get_finished's pair)."""
+    return _vllm().base.KVConnectorTransferResults(
+        finished_sending=transfers.sent, finished_recving=transfers.received,
+        failed_recving=transfers.failed)
+
+
+def from_connector_output(output: Any) -> Transfers:
+    """vLLM's KVConnectorOutput; `failed_recving` is 0.32's (0.26 reports failed blocks)."""
+    return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
+                     set(getattr(output, "failed_recving", None) or ()))
+
+
+# -- /metrics --------------------------------------------------------------------------------
+WAITING_REQUESTS = "vllm:num_requests_waiting"
+PROMPT_TOKENS_TOTAL = "vllm:prompt_tokens_total"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text of a vLLM server: sample name -> value summed over its label sets."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
