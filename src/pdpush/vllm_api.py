@@ -42,11 +42,27 @@ def _vllm() -> SimpleNamespace:
     StepMeta.__qualname__ = "StepMeta"
     StepMeta.__module__ = __name__
 
+    class WorkerMeta(base.KVConnectorWorkerMetadata):
+        """Worker → scheduler, per step: D requests whose notification came after they were
+        given up, with how many ranks reported each (summed over ranks by `aggregate`)."""
+
+        def __init__(self, late: dict[str, int]) -> None:
+            self.late = late
+
+        def aggregate(self, other: "WorkerMeta") -> "WorkerMeta":
+            late = dict(self.late)
+            for req_id, n in other.late.items():
+                late[req_id] = late.get(req_id, 0) + n
+            return WorkerMeta(late)
+
+    WorkerMeta.__qualname__ = "WorkerMeta"
+    WorkerMeta.__module__ = __name__
+
     version = tuple(int(x) for x in vllm.__version__.split(".")[:2])
     if version not in SUPPORTED:
         raise ImportError(f"pdpush: vLLM {vllm.__version__} is not supported (written for "
                           f"{', '.join('%d.%d' % v for v in SUPPORTED)}); see pdpush/vllm_api.py")
-    return SimpleNamespace(base=base, StepMeta=StepMeta)
+    return SimpleNamespace(base=base, StepMeta=StepMeta, WorkerMeta=WorkerMeta)
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +70,8 @@ def __getattr__(name: str) -> Any:
         return _vllm().base.KVConnectorBase_V1
     if name == "StepMeta":
         return _vllm().StepMeta
+    if name == "WorkerMeta":
+        return _vllm().WorkerMeta
     raise AttributeError(name)
 
 
@@ -68,13 +86,15 @@ class EngineSetup:
     block_size: int
     num_blocks: int
     extra: dict[str, Any]  # kv_connector_extra_config
+    ranks: int = 1  # tensor-parallel workers: each reports P's notifications on its own
 
 
 def engine_setup(vllm_config: Any, role: Any, kv_cache_config: Any) -> EngineSetup:
     kv = vllm_config.kv_transfer_config
     return EngineSetup(kv.kv_role, role == _vllm().base.KVConnectorRole.SCHEDULER,
                        str(kv.engine_id), vllm_config.cache_config.block_size,
-                       kv_cache_config.num_blocks, dict(kv.kv_connector_extra_config or {}))
+                       kv_cache_config.num_blocks, dict(kv.kv_connector_extra_config or {}),
+                       vllm_config.parallel_config.tensor_parallel_size)
 
 
 def tensor_parallel_rank() -> int:
@@ -135,6 +155,16 @@ class BlockAccess:
     def total_blocks(self) -> int:
         return self.manager.block_pool.num_gpu_blocks
 
+    def hold(self, block_ids: Sequence[int]) -> None:
+        """Take one more reference on each block: vLLM freeing the request's blocks then leaves
+        them out of the free pool until `release` (the lease's quarantine)."""
+        pool = self.manager.block_pool
+        pool.touch([pool.blocks[i] for i in block_ids])
+
+    def release(self, block_ids: Sequence[int]) -> None:
+        pool = self.manager.block_pool
+        pool.free_blocks([pool.blocks[i] for i in block_ids])
+
 
 # -- steps -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -164,6 +194,8 @@ class Transfers:
     sent: set[str] = field(default_factory=set)  # P: WRITEs done and D notified
     received: set[str] = field(default_factory=set)  # D: KV in (failed ones included)
     failed: set[str] = field(default_factory=set)  # D: no usable KV: recompute or fail
+    # D: P's notification of a request already given up, and how many ranks saw it
+    late: dict[str, int] = field(default_factory=dict)
 
 
 def to_transfer_results(transfers: Transfers) -> Any:
@@ -175,8 +207,15 @@ def to_transfer_results(transfers: Transfers) -> Any:
 
 def from_connector_output(output: Any) -> Transfers:
     """vLLM's KVConnectorOutput; `failed_recving` is 0.32's (0.26 reports failed blocks)."""
+    meta = getattr(output, "kv_connector_worker_meta", None)
     return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
-                     set(getattr(output, "failed_recving", None) or ()))
+                     set(getattr(output, "failed_recving", None) or ()),
+                     dict(getattr(meta, "late", None) or {}))
+
+
+def worker_meta(late: dict[str, int]) -> Any:
+    """vLLM's KVConnectorWorkerMetadata carrying `Transfers.late` (None when there is none)."""
+    return _vllm().WorkerMeta(late) if late else None
 
 
 # -- /metrics --------------------------------------------------------------------------------

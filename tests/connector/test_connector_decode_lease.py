@@ -105,7 +105,7 @@ def test_p_that_may_have_written_keeps_blocks_until_the_lease_ends(sched, monkey
     sched.client.results.append(PrefillResult("a", P, False, error="timeout"))
     assert sched.build_meta(None).give_up == []
     lease_end = sched._requests["a"].lease_end
-    monkeypatch.setattr(time, "time", lambda: lease_end + 0.1)
+    monkeypatch.setattr(time, "monotonic", lambda: lease_end + 0.1)  # D's own clock
     assert sched.build_meta(None).give_up == ["a"]
 
 

@@ -9,7 +9,7 @@ from pdpush.connector.metadata import (
 
 def target(**kw) -> PushTarget:
     base = dict(d_req_id="r1", d_engine_id="e", side_channel="127.0.0.1:5600",
-                d_block_ids=(4, 5, 9), skip_tokens=128, block_size=128, deadline=1e10)
+                d_block_ids=(4, 5, 9), skip_tokens=128, block_size=128, budget_s=30.0)
     return PushTarget(**{**base, **kw})
 
 
@@ -28,7 +28,8 @@ def test_requests_without_push_target_are_plain():
     ({"d_block_ids": [1, -2]}, "must be block ids"),
     ({"skip_tokens": 100}, "multiple of block_size"),
     ({"side_channel": "nohost"}, "must be host:port"),
-    ({"deadline": "soon"}, "deadline has the wrong type"),
+    ({"budget_s": "soon"}, "budget_s has the wrong type"),
+    ({"budget_s": 0}, "budget_s must be > 0"),
     ({"skip_tokens": True}, "skip_tokens has the wrong type"),
 ])
 def test_malformed_push_target_is_rejected_clearly(change, message):

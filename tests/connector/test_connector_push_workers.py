@@ -46,9 +46,8 @@ def pair():
     d.close()
 
 
-def target(port: int, req: str, d_blocks, deadline: float | None = None) -> PushTarget:
-    return PushTarget(req, "d-engine", f"127.0.0.1:{port}", tuple(d_blocks), 0, BS,
-                      deadline or time.time() + 30)
+def target(port: int, req: str, d_blocks) -> PushTarget:
+    return PushTarget(req, "d-engine", f"127.0.0.1:{port}", tuple(d_blocks), 0, BS, 30.0)
 
 
 def run_step(p: PrefillWorker, p_kv: dict, meta: PrefillStepMeta) -> None:
@@ -90,8 +89,9 @@ def test_chunked_push_lands_exactly_in_d_blocks(pair):
 
 def test_no_write_after_the_deadline_and_d_hears_it(pair):
     d, p, d_kv, p_kv, port = pair
-    t = target(port, "r2", [10], deadline=time.time() - 1)
-    run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p2", t, [3], [10], last=True)]))
+    t = target(port, "r2", [10])
+    spent = time.monotonic() - 1  # P's own clock says the budget is spent
+    run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p2", t, [3], [10], last=True, post_until=spent)]))
     _, failed = settle(d, p, "r2", "p2")
     assert failed == {"r2"}
     assert not any(d_kv[name][10].any() for name in LAYERS)

@@ -69,7 +69,7 @@ def client(fake_p):
 
 def job(url: str, kind: int, timeout_s: float = 5.0, req_id: str = "r") -> PrefillJob:
     return PrefillJob(req_id, url, [kind, 1, 2], {"temperature": 0.0}, {"pdpush": {"x": 1}},
-                      time.time() + timeout_s)
+                      time.monotonic() + timeout_s)
 
 
 def wait_result(client: PrefillClient, timeout_s: float = 5.0):

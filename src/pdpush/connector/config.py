@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pdpush.connector.faults import FAULT_HOOKS_ENV, fault_hooks_allowed
 from pdpush.policy import PolicyConfig
 
 MODULE_PATH = "pdpush.connector.facade"
@@ -109,6 +110,10 @@ class PdpushConfig:
     prefill_timeout_s: float = 30.0
     # Lease: D keeps blocks this much longer than the deadline before reusing them.
     lease_grace_s: float = 2.0
+    # P: stop posting WRITEs this long before the push budget ends (measured on P's clock from
+    # the request's arrival): covers D→P transit and the last WRITEs' flight (docs/architecture.md,
+    # "Lease and quarantine"). Must be smaller than the budget D gives (its prefill_timeout_s).
+    push_stop_margin_s: float = 2.0
     # D: seconds between health checks of each P; a failed P is retried after retry_after_s.
     health_interval_s: float = 2.0
     retry_after_s: float = 10.0
@@ -122,6 +127,9 @@ class PdpushConfig:
     stats_port: int = 0
     # P: how long P waits for D's side channel before giving up on a request.
     side_channel_timeout_s: float = 5.0
+    # Tests only: a directory of fault triggers (connector/faults.py); refused unless the
+    # environment has PDPUSH_FAULT_HOOKS=1.
+    fault_hooks_dir: str = ""
     # D: the step probe; off unless it names a log or a metrics endpoint.
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
@@ -156,6 +164,12 @@ class PdpushConfig:
             raise ConfigError("pdpush: remote_threshold_tokens must be >= 1")
         if self.lease_grace_s < 0:
             raise ConfigError("pdpush: lease_grace_s must be >= 0")
+        if not 0 <= self.push_stop_margin_s < self.prefill_timeout_s:
+            raise ConfigError(f"pdpush: push_stop_margin_s must be >= 0 and below prefill_timeout_s "
+                              f"({self.prefill_timeout_s}), got {self.push_stop_margin_s}")
+        if self.fault_hooks_dir and not fault_hooks_allowed():
+            raise ConfigError(f"pdpush: fault_hooks_dir is a test seam; it is refused unless "
+                              f"{FAULT_HOOKS_ENV}=1 is set in the engine's environment")
         if self.on_failure not in ON_FAILURE:
             raise ConfigError(f"pdpush: on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
         for name in ("side_channel_port", "stats_port"):

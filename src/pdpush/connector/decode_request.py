@@ -50,7 +50,8 @@ class DecodeRequest:
     status: Status
     placement: Placement | None = None
     url: str | None = None  # the chosen P
-    lease_end: float = 0.0  # D may reuse the blocks after this even without P's word
+    lease_end: float = 0.0  # time.monotonic(): past it without P's word, the blocks are held
+    push_blocks: tuple[int, ...] = ()  # the blocks P may write (D's prefix hit excluded)
     greedy: bool = False  # P's first token must then equal D's
     give_up: bool = False  # the workers were told to stop waiting for KV
     aborted: bool = False  # the client went away while waiting for KV

@@ -8,9 +8,10 @@ Life of a remote prefill on D (request R), by vLLM hook:
    thread (the scheduler never waits) and the workers are told to expect R (WAITING_FOR_KV).
 3. `update_connector_output`: the workers report R received once P's completion notification
    arrived (READY), or failed (FALLBACK: vLLM recomputes R locally, or fails it: on_failure).
-4. `build_meta`: if P errs, is unreachable, or the lease runs out (deadline + grace), the workers
-   are told to give R up. Blocks are reused only after P confirmed or the lease ended: P posts no
-   WRITE past the deadline, so nothing lands in a block D handed to someone else.
+4. `build_meta`: if P errs, is gone, or the lease runs out (budget + grace on D's monotonic
+   clock), the workers are told to give R up. When the lease ran out without P's word, the blocks
+   P may write are held first (connector/quarantine.py), so that vLLM recomputing or failing R
+   never hands them to another request while a WRITE may still land.
 5. `request_finished`: R's placement goes back to the client as `kv_transfer_params.pdpush` and
    the record is dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or
    greedy with P's first token still unknown (AWAITING_P_TOKEN until P's answer is compared).
@@ -26,6 +27,7 @@ from typing import Any
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.decode_request import DecodeRequest, Placement, Status
 from pdpush.connector.metadata import DecodeStepMeta, ParamsError, PushTarget, client_mode
+from pdpush.connector.quarantine import Quarantine
 from pdpush.connector.stats import serve_scheduler_stats
 from pdpush.policy import Policy
 from pdpush.probe import batch_stats_from
@@ -52,6 +54,8 @@ class DecodeScheduler:
     block_size: int
     engine_id: str
     client: Any = None  # PrefillClient; tests pass a stand-in
+    ranks: int = 1  # D's tensor-parallel workers
+    quarantine: Quarantine = field(init=False)
     policy: Policy = field(init=False)
     counters: DecodeCounters = field(default_factory=DecodeCounters)
     stats_server: Any = None
@@ -60,6 +64,7 @@ class DecodeScheduler:
 
     def __post_init__(self) -> None:
         self.policy = Policy.for_urls(self.config.policy_config(), self.config.prefill_urls)
+        self.quarantine = Quarantine(self.ranks)
         if self.client is None:
             self.client = PrefillClient(self.config.prefill_urls, self.config.health_interval_s)
 
@@ -99,10 +104,11 @@ class DecodeScheduler:
             return
         assert rec.url is not None
         skip = request.num_prompt_tokens - num_external
-        deadline = time.time() + self.config.prefill_timeout_s
+        budget = self.config.prefill_timeout_s
+        deadline = time.monotonic() + budget
         target = PushTarget(rec.req_id, self.engine_id,
                             f"{self.config.side_channel_host}:{self.config.side_channel_port}",
-                            tuple(block_ids), skip, self.block_size, deadline)
+                            tuple(block_ids), skip, self.block_size, budget)
         _, tokens = client_mode(request.kv_transfer_params)  # validated in the match step
         self.client.submit(PrefillJob(
             rec.req_id, rec.url, tokens or list(request.prompt_token_ids),
@@ -110,20 +116,23 @@ class DecodeScheduler:
         ))
         self.policy.started(rec.url)
         rec.status, rec.lease_end = Status.WAITING_FOR_KV, deadline + self.config.lease_grace_s
+        rec.push_blocks = tuple(block_ids[skip // self.block_size:])
         rec.placement = Placement("remote", url=rec.url, skip_tokens=skip)
         rec.greedy = request.sampling is not None and request.sampling.temperature < 1e-5
         self._expect.append(rec.req_id)
         self.counters.remote += 1
 
     def build_meta(self, step: StepView | None) -> DecodeStepMeta:
-        now = time.time()
-        self._collect_rpc(now)
+        self._collect_rpc(time.time())
+        now = time.monotonic()
         give_up = []
         for rec in self._requests.values():
             if rec.status is not Status.WAITING_FOR_KV:
                 continue
             if not rec.give_up and now > rec.lease_end:
                 log.warning("pdpush: %s: no KV from %s before the lease ended", rec.req_id, rec.url)
+                assert rec.url is not None
+                self.quarantine.hold(rec.req_id, rec.url, list(rec.push_blocks), now)
                 rec.give_up = True
             if rec.give_up:
                 give_up.append(rec.req_id)
@@ -134,6 +143,7 @@ class DecodeScheduler:
         return meta
 
     def update_connector_output(self, transfers: Transfers) -> None:
+        self.quarantine.confirmed(transfers.late)
         for req_id in transfers.received:
             rec = self._requests.get(req_id)
             if rec is None or rec.status is not Status.WAITING_FOR_KV:
@@ -171,6 +181,7 @@ class DecodeScheduler:
         return False, {"pdpush": rec.placement.to_params()}
 
     def bind_blocks(self, blocks: BlockAccess) -> None:
+        self.quarantine.blocks = blocks
         self.stats_server = serve_scheduler_stats(self.config, "D", blocks, self.stats)
 
     def has_pending(self) -> bool:
@@ -183,10 +194,12 @@ class DecodeScheduler:
                          "completed": p.completed, "failed": p.failed}
                  for p in self.policy.peers.values()}
         waiting = sum(r.status is Status.WAITING_FOR_KV for r in self._requests.values())
-        return {**asdict(self.counters), "waiting_for_kv": waiting, "prefills": peers}
+        return {**asdict(self.counters), "waiting_for_kv": waiting, **self.quarantine.stats(),
+                "prefills": peers}
 
     def close(self) -> None:
         self.client.close()
+        self.quarantine.close()
         if self.stats_server is not None:
             self.stats_server.close()
 
@@ -204,6 +217,8 @@ class DecodeScheduler:
         for event in sorted(events, key=lambda e: e.at):
             if isinstance(event, HealthReport):
                 self.policy.health_checked(event.url, event.ok, event.queue, now)
+                if event.refused:
+                    self.quarantine.p_gone(event.url, event.at)
             else:
                 self._on_result(event, now)
 
@@ -221,11 +236,13 @@ class DecodeScheduler:
             return
         if result.first_token is not None:
             rec.placement.p_first_token = result.first_token
+        if result.p_gone:
+            self.quarantine.p_gone(result.url, result.at)
         if rec.status is Status.WAITING_FOR_KV and not result.ok:
             log.warning("pdpush: %s: remote prefill on %s failed: %s",
                         rec.req_id, result.url, result.error)
             rec.placement.error = result.error
-            rec.give_up = rec.give_up or not result.may_have_written
+            rec.give_up = rec.give_up or not result.may_have_written or result.p_gone
 
     def _check_first_token(self, rec: DecodeRequest, output: Any) -> None:
         """Greedy: P's first token must equal D's; compared now or once P's answer arrives."""

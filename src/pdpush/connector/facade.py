@@ -29,9 +29,10 @@ class PdpushConnector(api.ConnectorBase):
         super().__init__(vllm_config, role, kv_cache_config)
         setup = api.engine_setup(vllm_config, role, kv_cache_config)
         self.config = PdpushConfig.from_extra_config(setup.extra, setup.kv_role)
+        self._late: dict[str, int] = {}  # worker side: this step's Transfers.late
         if setup.scheduler_side:
             self.sched = make_scheduler_half(setup.kv_role, self.config, setup.block_size,
-                                             setup.engine_id)
+                                             setup.engine_id, setup.ranks)
         else:
             self.worker = make_worker_half(setup.kv_role, self.config, setup.engine_id,
                                            api.tensor_parallel_rank(), setup.num_blocks)
@@ -67,7 +68,13 @@ class PdpushConnector(api.ConnectorBase):
         self.worker.wait_for_save()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
-        return api.to_transfer_results(self.worker.transfer_results(finished_req_ids))
+        transfers = self.worker.transfer_results(finished_req_ids)
+        self._late = transfers.late  # vLLM asks for the worker metadata right after this
+        return api.to_transfer_results(transfers)
+
+    def build_connector_worker_meta(self) -> Any:
+        late, self._late = self._late, {}
+        return api.worker_meta(late)
 
     def shutdown(self) -> None:
         for half in (getattr(self, "sched", None), getattr(self, "worker", None)):

@@ -41,7 +41,10 @@ class PushTarget:
     d_block_ids: tuple[int, ...]
     skip_tokens: int  # D's prefix-cache hit, block aligned: those blocks are not pushed
     block_size: int
-    deadline: float  # unix time; P posts no WRITE after it
+    # Seconds P may push for, measured from D's send. A duration, not a time: each side reads
+    # its own monotonic clock (P from the request's arrival, docs/architecture.md "Lease and
+    # quarantine"), so clock steps and skew between hosts do not move the lease.
+    budget_s: float
 
     def to_params(self) -> dict[str, Any]:
         return {PARAMS_KEY: {**asdict(self), "d_block_ids": list(self.d_block_ids)}}
@@ -56,7 +59,7 @@ class PushTarget:
             raise ParamsError(f"kv_transfer_params.{PARAMS_KEY} must be an object")
         expected = {"d_req_id": str, "d_engine_id": str, "side_channel": str,
                     "d_block_ids": list, "skip_tokens": int, "block_size": int,
-                    "deadline": (int, float)}
+                    "budget_s": (int, float)}
         for name, kind in expected.items():
             if name not in raw:
                 raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.{name} is missing")
@@ -68,6 +71,8 @@ class PushTarget:
             raise ParamsError(
                 f"kv_transfer_params.{PARAMS_KEY}: skip_tokens must be a multiple of block_size"
             )
+        if raw["budget_s"] <= 0:
+            raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.budget_s must be > 0")
         host, _, port = raw["side_channel"].rpartition(":")
         if not host or not port.isdigit():
             raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.side_channel must be host:port")
@@ -108,6 +113,7 @@ class PushTask:
     p_block_ids: list[int]
     d_block_ids: list[int]
     last: bool  # the prompt completes this step: send the notification after these WRITEs
+    post_until: float = float("inf")  # time.monotonic() on P after which no WRITE is posted
 
 
 @dataclass

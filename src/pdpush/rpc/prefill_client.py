@@ -21,6 +21,8 @@ import httpx
 
 from pdpush.vllm_api import WAITING_REQUESTS, parse_metrics
 
+GONE_CHECK_TIMEOUT_S = 2.0
+
 
 @dataclass
 class PrefillJob:
@@ -29,7 +31,7 @@ class PrefillJob:
     prompt_token_ids: list[int]
     sampling: dict[str, Any]  # OpenAI sampling fields for P's one token (temperature, seed, ...)
     kv_transfer_params: dict[str, Any]
-    deadline: float  # unix time; the call is abandoned after it
+    deadline: float  # time.monotonic(); the call is abandoned after it
 
 
 @dataclass
@@ -42,6 +44,9 @@ class PrefillResult:
     # False only when P certainly never started pushing (refused, rejected, bad params):
     # then D may reuse the blocks at once instead of waiting for the lease to end.
     may_have_written: bool = True
+    # P's process ended: the call's connection was refused or reset and a health check right
+    # after was refused too. Nothing of P's can land any more (docs/architecture.md).
+    p_gone: bool = False
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
 
 
@@ -50,6 +55,7 @@ class HealthReport:
     url: str
     ok: bool
     queue: int = 0
+    refused: bool = False  # nothing listens on P's port: its process ended (or never started)
     at: float = field(default_factory=time.monotonic)  # when the check answered
 
 
@@ -120,17 +126,23 @@ class PrefillClient:
         self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
 
     async def _do_prefill(self, job: PrefillJob) -> None:
-        start = time.time()
         result = PrefillResult(job.req_id, job.url, ok=False)
         try:
             # One overall limit: httpx's timeout is per read, and P may trickle or stall.
-            result = await asyncio.wait_for(self._post(job), max(0.1, job.deadline - start))
+            result = await asyncio.wait_for(self._post(job),
+                                            max(0.1, job.deadline - time.monotonic()))
         except asyncio.CancelledError:
             result.error = "cancelled by D"
             raise
         except httpx.ConnectError as exc:
             result.error = f"cannot reach {job.url}: {exc}"
             result.may_have_written = False
+            result.p_gone = _is_refused(exc) and await self._refused(job.url)
+            result.at = time.monotonic()
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:  # reset or closed mid-call
+            result.error = f"{job.url} dropped the connection: {exc!r}"
+            result.p_gone = await self._refused(job.url)
+            result.at = time.monotonic()
         except (httpx.TimeoutException, asyncio.TimeoutError):
             result.error = f"no answer from {job.url} before the deadline"
         except httpx.HTTPError as exc:
@@ -167,6 +179,14 @@ class PrefillClient:
             await asyncio.gather(*(self._check(url) for url in self._urls))
             await asyncio.sleep(self._health_interval_s)
 
+    async def _refused(self, url: str) -> bool:
+        """A quick health check after a dropped connection: refused means P's process ended."""
+        try:
+            await self._client.get(f"{url}/health", timeout=GONE_CHECK_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            return _is_refused(exc)
+        return False
+
     async def _check(self, url: str) -> None:
         timeout = max(5.0, self._health_interval_s)  # a busy P answers slowly; a dead one at once
         try:
@@ -175,8 +195,19 @@ class PrefillClient:
             ok = health.status_code == 200
             samples = parse_metrics(metrics.text) if metrics.status_code == 200 else {}
             self._health.put(HealthReport(url, ok, int(samples.get(WAITING_REQUESTS, 0))))
+        except httpx.ConnectError as exc:
+            self._health.put(HealthReport(url, False, refused=_is_refused(exc)))
         except (httpx.HTTPError, ValueError):  # ValueError: /metrics that is not Prometheus text
             self._health.put(HealthReport(url, False))
+
+
+def _is_refused(exc: BaseException) -> bool:
+    """Connection refused (nothing listens), as opposed to a timeout or no route to the host."""
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _drain(q: queue.Queue) -> list:
