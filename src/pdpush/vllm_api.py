@@ -43,17 +43,17 @@ def _vllm() -> SimpleNamespace:
     StepMeta.__module__ = __name__
 
     class WorkerMeta(base.KVConnectorWorkerMetadata):
-        """Worker → scheduler, per step: D requests whose notification came after they were
-        given up, with how many ranks reported each (summed over ranks by `aggregate`)."""
+        """Worker → scheduler, per step: D requests whose P notification arrived, with how
+        many ranks saw it (summed over ranks by `aggregate`)."""
 
-        def __init__(self, late: dict[str, int]) -> None:
-            self.late = late
+        def __init__(self, notified: dict[str, int]) -> None:
+            self.notified = notified
 
         def aggregate(self, other: "WorkerMeta") -> "WorkerMeta":
-            late = dict(self.late)
-            for req_id, n in other.late.items():
-                late[req_id] = late.get(req_id, 0) + n
-            return WorkerMeta(late)
+            notified = dict(self.notified)
+            for req_id, n in other.notified.items():
+                notified[req_id] = notified.get(req_id, 0) + n
+            return WorkerMeta(notified)
 
     WorkerMeta.__qualname__ = "WorkerMeta"
     WorkerMeta.__module__ = __name__
@@ -194,8 +194,9 @@ class Transfers:
     sent: set[str] = field(default_factory=set)  # P: WRITEs done and D notified
     received: set[str] = field(default_factory=set)  # D: KV in (failed ones included)
     failed: set[str] = field(default_factory=set)  # D: no usable KV: recompute or fail
-    # D: P's notification of a request already given up, and how many ranks saw it
-    late: dict[str, int] = field(default_factory=dict)
+    # D: requests whose P notification arrived (in time or after the give-up), per rank count:
+    # what releases blocks held at the lease's end (connector/quarantine.py)
+    notified: dict[str, int] = field(default_factory=dict)
 
 
 def to_transfer_results(transfers: Transfers) -> Any:
@@ -210,12 +211,12 @@ def from_connector_output(output: Any) -> Transfers:
     meta = getattr(output, "kv_connector_worker_meta", None)
     return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
                      set(getattr(output, "failed_recving", None) or ()),
-                     dict(getattr(meta, "late", None) or {}))
+                     dict(getattr(meta, "notified", None) or {}))
 
 
-def worker_meta(late: dict[str, int]) -> Any:
-    """vLLM's KVConnectorWorkerMetadata carrying `Transfers.late` (None when there is none)."""
-    return _vllm().WorkerMeta(late) if late else None
+def worker_meta(notified: dict[str, int]) -> Any:
+    """vLLM's KVConnectorWorkerMetadata carrying `Transfers.notified` (None when empty)."""
+    return _vllm().WorkerMeta(notified) if notified else None
 
 
 # -- /metrics --------------------------------------------------------------------------------

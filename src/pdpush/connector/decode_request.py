@@ -52,6 +52,7 @@ class DecodeRequest:
     url: str | None = None  # the chosen P
     lease_end: float = 0.0  # time.monotonic(): past it without P's word, the blocks are held
     push_blocks: tuple[int, ...] = ()  # the blocks P may write (D's prefix hit excluded)
+    notified: int = 0  # D ranks that saw P's notification
     greedy: bool = False  # P's first token must then equal D's
     give_up: bool = False  # the workers were told to stop waiting for KV
     aborted: bool = False  # the client went away while waiting for KV

@@ -132,7 +132,7 @@ class DecodeScheduler:
             if not rec.give_up and now > rec.lease_end:
                 log.warning("pdpush: %s: no KV from %s before the lease ended", rec.req_id, rec.url)
                 assert rec.url is not None
-                self.quarantine.hold(rec.req_id, rec.url, list(rec.push_blocks), now)
+                self.quarantine.hold(rec.req_id, rec.url, list(rec.push_blocks), now, rec.notified)
                 rec.give_up = True
             if rec.give_up:
                 give_up.append(rec.req_id)
@@ -143,7 +143,10 @@ class DecodeScheduler:
         return meta
 
     def update_connector_output(self, transfers: Transfers) -> None:
-        self.quarantine.confirmed(transfers.late)
+        self.quarantine.confirmed(transfers.notified)
+        for req_id, n in transfers.notified.items():
+            if (rec := self._requests.get(req_id)) is not None:
+                rec.notified += n
         for req_id in transfers.received:
             rec = self._requests.get(req_id)
             if rec is None or rec.status is not Status.WAITING_FOR_KV:

@@ -29,7 +29,7 @@ class PdpushConnector(api.ConnectorBase):
         super().__init__(vllm_config, role, kv_cache_config)
         setup = api.engine_setup(vllm_config, role, kv_cache_config)
         self.config = PdpushConfig.from_extra_config(setup.extra, setup.kv_role)
-        self._late: dict[str, int] = {}  # worker side: this step's Transfers.late
+        self._notified: dict[str, int] = {}  # worker side: this step's Transfers.notified
         if setup.scheduler_side:
             self.sched = make_scheduler_half(setup.kv_role, self.config, setup.block_size,
                                              setup.engine_id, setup.ranks)
@@ -69,12 +69,12 @@ class PdpushConnector(api.ConnectorBase):
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         transfers = self.worker.transfer_results(finished_req_ids)
-        self._late = transfers.late  # vLLM asks for the worker metadata right after this
+        self._notified = transfers.notified  # vLLM asks for the worker metadata next
         return api.to_transfer_results(transfers)
 
     def build_connector_worker_meta(self) -> Any:
-        late, self._late = self._late, {}
-        return api.worker_meta(late)
+        notified, self._notified = self._notified, {}
+        return api.worker_meta(notified)
 
     def shutdown(self) -> None:
         for half in (getattr(self, "sched", None), getattr(self, "worker", None)):

@@ -5,8 +5,8 @@ paused after posting, or between deciding to post and posting). D then gives the
 (vLLM recomputes it in new blocks, or fails it: on_failure) but first takes one more reference
 on the blocks P could write (`BlockAccess.hold`), so vLLM freeing the request leaves them out of
 the free pool. They are released only when
-- P's notification for that request arrives on every rank (P sends it only once none of the
-  request's WRITEs is queued or in flight), or
+- P's notification for that request arrived on every rank (P sends it only once none of the
+  request's WRITEs is queued or in flight; ranks that saw it before the hold count too), or
 - P is known gone: its process ended (a health check refused the connection after the hold:
   nothing listens on P's port, and vLLM's engine processes end with their API server).
 A P that is only unreachable (timeouts, a stopped process, a partition) keeps them held: it could
@@ -39,19 +39,21 @@ class Quarantine:
     released_confirmed: int = 0  # released on P's notification
     released_gone: int = 0  # released because P's process ended
 
-    def hold(self, req_id: str, url: str, block_ids: list[int], now: float) -> None:
-        if req_id in self._held or not block_ids:
+    def hold(self, req_id: str, url: str, block_ids: list[int], now: float,
+             confirmed: int = 0) -> None:
+        """`confirmed`: ranks whose notification for the request already arrived."""
+        if req_id in self._held or not block_ids or confirmed >= self.ranks:
             return
         if self.blocks is not None:
             self.blocks.hold(block_ids)
-        self._held[req_id] = Held(url, list(block_ids), now)
+        self._held[req_id] = Held(url, list(block_ids), now, confirmed)
         self.held_total += 1
         log.warning("pdpush: %s: push state unknown at lease end: %d blocks held until %s "
                     "confirms or is gone", req_id, len(block_ids), url)
 
-    def confirmed(self, late: dict[str, int]) -> None:
-        """Notifications that arrived after the give-up, by request and number of ranks."""
-        for req_id, n in late.items():
+    def confirmed(self, notified: dict[str, int]) -> None:
+        """P's notifications that arrived this step, by request and number of ranks."""
+        for req_id, n in notified.items():
             held = self._held.get(req_id)
             if held is None:
                 continue
