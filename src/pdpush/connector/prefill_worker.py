@@ -200,6 +200,8 @@ class PrefillWorker:
         (vLLM reports a push's finish in the same step whose metadata bound it, or later)."""
         self._finished |= finished_req_ids & self._out.keys()
         self._collect(0.0)
+        if self.engine is not None:
+            self.engine.progress()  # a notification on a new connection needs P's progress too
         released = set()
         for req_id, out in list(self._out.items()):
             if not self._settled(req_id, out):
