@@ -7,6 +7,8 @@ lease to end, so each failure kind is checked for it.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,3 +132,42 @@ def test_health_reports_queue_from_metrics(client):
         reports = client.drain_health()
         time.sleep(0.05)
     assert reports and reports[0].ok and reports[0].queue == 3
+
+
+LISTENING: list[socket.socket] = []
+
+
+def dropping_p(process_ends: bool) -> str:
+    """A P that resets the do_prefill connection; its listening socket closes too when its
+    process "ends", else it stays open and answers nothing (a stopped or wedged P)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            conn, _ = srv.accept()
+            if conn.recv(65536).startswith(b"POST"):
+                break
+            conn.close()  # health checks before the call: no answer
+        if process_ends:
+            srv.close()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # RST
+
+    threading.Thread(target=serve, daemon=True).start()
+    LISTENING.append(srv)  # kept open (and referenced) until the module ends
+    return f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("process_ends", [True, False], ids=["process-ended", "still-listening"])
+def test_dropped_connection_tells_a_p_gone_from_an_unreachable_one(process_ends):
+    url = dropping_p(process_ends)
+    client = PrefillClient((url,), health_interval_s=60.0)
+    try:
+        start = time.monotonic()
+        client.submit(job(url, 0, timeout_s=30.0))
+        result = wait_result(client)
+        assert not result.ok and "dropped the connection" in result.error
+        assert result.p_gone is process_ends
+        assert time.monotonic() - start < 5  # seconds, not the lease
+    finally:
+        client.close()
