@@ -132,3 +132,23 @@ def test_preempted_push_is_flagged_and_resumes_where_it_left_off():
     # Recomputed from scratch later: only blocks not pushed yet are planned again.
     tasks = sched.build_meta(step(new=[("a", 0, 48)])).tasks
     assert [(t.d_block_ids, t.last) for t in tasks] == [([101, 102], True)]
+
+
+def test_release_question_answers_busy_then_released_and_refuses_a_late_push():
+    """D asks whether it may release what it holds for D request A (rpc/release.py)."""
+    from pdpush.rpc.release import RELEASED_KEY, release_body
+
+    def ask(sched, req_id: str) -> bool:
+        q = RequestView(req_id, 1, 1, [0], release_body("A")["kv_transfer_params"])
+        sched.get_num_new_matched_tokens(q, 0)
+        return sched.request_finished(q)[1][RELEASED_KEY]
+
+    sched = scheduler()
+    sched.get_num_new_matched_tokens(request("a", 32), 0)  # P tracks a push of D's request A
+    assert ask(sched, "q1") is False
+    sched.update_connector_output(Transfers(sent={"a"}))  # pushed, notified, released
+    assert ask(sched, "q2") is True
+    late = request("a2", 32)
+    late.kv_transfer_params["pdpush"]["d_req_id"] = "A"  # the same do_prefill arriving late
+    sched.get_num_new_matched_tokens(late, 0)
+    assert "released" in sched.request_finished(late)[1]["pdpush_error"]

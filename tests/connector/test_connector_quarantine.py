@@ -95,3 +95,20 @@ def test_notification_seen_before_the_lease_end_means_nothing_to_hold(monkeypatc
     monkeypatch.setattr(time, "monotonic", lambda: lease_end + 0.1)
     sched.build_meta(None)
     assert sched.stats()["held_total"] == 0
+
+
+def test_p_answer_to_the_release_question_releases(monkeypatch):
+    from pdpush.rpc.prefill_client import ReleaseAnswer
+
+    sched, _ = scheduler()
+    pool = lease_ends(sched, monkeypatch)
+    assert sched.client.asked == [(P, "r")] and sched.has_pending()  # D keeps stepping
+    sched.build_meta(None)
+    assert sched.client.asked == [(P, "r")]  # asked once per health interval
+    sched.client.results.append(ReleaseAnswer("r", P, released=False))  # a push still outstanding
+    sched.build_meta(None)
+    assert sched.stats()["held_requests"] == 1
+    sched.client.results.append(ReleaseAnswer("r", P, released=True))
+    sched.build_meta(None)
+    assert sched.stats()["held_released_answered"] == 1 and pool.free_ids() == list(range(16))
+    assert not sched.has_pending()

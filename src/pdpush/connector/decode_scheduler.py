@@ -31,7 +31,9 @@ from pdpush.connector.quarantine import Quarantine
 from pdpush.connector.stats import serve_scheduler_stats
 from pdpush.policy import Policy
 from pdpush.probe import batch_stats_from
-from pdpush.rpc.prefill_client import HealthReport, PrefillClient, PrefillJob, PrefillResult
+from pdpush.rpc.prefill_client import (
+    HealthReport, PrefillClient, PrefillJob, PrefillResult, ReleaseAnswer,
+)
 from pdpush.vllm_api import BlockAccess, RequestView, Sampling, StepView, Transfers
 
 log = logging.getLogger("vllm.pdpush.decode")  # under vllm: shown in its log
@@ -136,6 +138,8 @@ class DecodeScheduler:
                 rec.give_up = True
             if rec.give_up:
                 give_up.append(rec.req_id)
+        for req_id, url in self.quarantine.to_ask(now, self.config.health_interval_s):
+            self.client.ask_release(url, req_id)
         meta = DecodeStepMeta(expect=self._expect, give_up=give_up)
         if self.config.probe.enabled and step is not None:
             meta.batch_stats = batch_stats_from(step)
@@ -188,7 +192,9 @@ class DecodeScheduler:
         self.stats_server = serve_scheduler_stats(self.config, "D", blocks, self.stats)
 
     def has_pending(self) -> bool:
-        return False  # D pushes nothing
+        """While blocks are held vLLM must keep stepping: each step polls P's notifications
+        and asks P about the held requests, even when D has no request of its own."""
+        return self.quarantine.stats()["held_requests"] > 0
 
     def stats(self) -> dict[str, Any]:
         """Counters, the policy's inputs per P, and what is waiting (for /stats and tests)."""
@@ -222,6 +228,8 @@ class DecodeScheduler:
                 self.policy.health_checked(event.url, event.ok, event.queue, now)
                 if event.refused:
                     self.quarantine.p_gone(event.url, event.at)
+            elif isinstance(event, ReleaseAnswer):
+                self.quarantine.answered(event.req_id, event.released)
             else:
                 self._on_result(event, now)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.faults import FaultHooks
+from pdpush.rpc.release import RELEASED_KEY, Tombstones, release_query
 from pdpush.connector.metadata import (
     ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
 )
@@ -48,6 +49,8 @@ class PrefillScheduler:
     _held: set[str] = field(default_factory=set)
     _stopped: dict[str, PushTarget] = field(default_factory=dict)
     faults: FaultHooks | None = field(init=False)
+    tombstones: Tombstones = field(default_factory=Tombstones)
+    _release_answers: dict[str, bool] = field(default_factory=dict)  # P req id -> released
     pushed_requests: int = 0
     planned_tasks: int = 0  # (request, step) pairs handed to the workers: chunks pushed
     rejected_requests: int = 0
@@ -60,7 +63,10 @@ class PrefillScheduler:
         The budget becomes a time on P's monotonic clock here, at the request's arrival in P's
         engine, less the stop margin (docs/architecture.md, "Lease and quarantine")."""
         req_id = request.request_id
-        if req_id in self._pushes or req_id in self._errors:
+        if req_id in self._pushes or req_id in self._errors or req_id in self._release_answers:
+            return 0, False
+        if (asked := release_query(request.kv_transfer_params)) is not None:
+            self._answer_release(req_id, asked)
             return 0, False
         if self.faults is not None:
             self.faults.at("before_accept")
@@ -68,6 +74,8 @@ class PrefillScheduler:
             target = PushTarget.from_params(request.kv_transfer_params)
             if target is None:
                 return 0, False
+            if target.d_req_id in self.tombstones:
+                raise ParamsError("D released this request's blocks already (asked P first)")
             target.check_prompt(request.num_prompt_tokens, self.block_size)
             if target.budget_s <= self.config.push_stop_margin_s:
                 raise ParamsError(f"budget {target.budget_s}s is not above P's push_stop_margin_s "
@@ -81,6 +89,13 @@ class PrefillScheduler:
         self._pushes[req_id] = Push(target, request.num_prompt_tokens,
                                     target.skip_tokens // self.block_size, post_until)
         return 0, False
+
+    def _answer_release(self, req_id: str, d_req_id: str) -> None:
+        """D asks whether it may release d_req_id's blocks (rpc/release.py)."""
+        busy = any(push.target.d_req_id == d_req_id for push in self._pushes.values())
+        if not busy:
+            self.tombstones.add(d_req_id)
+        self._release_answers[req_id] = not busy
 
     def update_state_after_alloc(self, request: RequestView, block_ids: list[int],
                                  num_external: int) -> None:
@@ -117,6 +132,8 @@ class PrefillScheduler:
 
     def request_finished(self, request: RequestView) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
+        if req_id in self._release_answers:
+            return False, {RELEASED_KEY: self._release_answers.pop(req_id)}
         error = self._errors.pop(req_id, None)
         if error is not None:
             return False, {"pdpush_error": error}

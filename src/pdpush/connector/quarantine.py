@@ -7,6 +7,8 @@ on the blocks P could write (`BlockAccess.hold`), so vLLM freeing the request le
 the free pool. They are released only when
 - P's notification for that request arrived on every rank (P sends it only once none of the
   request's WRITEs is queued or in flight; ranks that saw it before the hold count too), or
+- P answered D's release question (rpc/release.py): no push of it is outstanding, and P
+  refuses one that reaches it later (D asks every `interval` seconds while it holds), or
 - P is known gone: its process ended (a health check refused the connection after the hold:
   nothing listens on P's port, and vLLM's engine processes end with their API server).
 A P that is only unreachable (timeouts, a stopped process, a partition) keeps them held: it could
@@ -28,6 +30,7 @@ class Held:
     block_ids: list[int]
     since: float  # time.monotonic() when held
     confirmed: int = 0  # ranks whose notification arrived
+    asked: float = 0.0  # time.monotonic() of the last release question to P
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Quarantine:
     _held: dict[str, Held] = field(default_factory=dict)
     held_total: int = 0  # requests ever held
     released_confirmed: int = 0  # released on P's notification
+    released_answered: int = 0  # released on P's answer to D's question
     released_gone: int = 0  # released because P's process ended
 
     def hold(self, req_id: str, url: str, block_ids: list[int], now: float,
@@ -62,6 +66,18 @@ class Quarantine:
                 self._release(req_id)
                 self.released_confirmed += 1
 
+    def to_ask(self, now: float, interval: float) -> list[tuple[str, str]]:
+        """(request, P) pairs whose release question is due (one per `interval`)."""
+        due = [(req_id, h) for req_id, h in self._held.items() if now - h.asked >= interval]
+        for _, held in due:
+            held.asked = now
+        return [(req_id, held.url) for req_id, held in due]
+
+    def answered(self, req_id: str, released: bool) -> None:
+        if released and req_id in self._held:
+            self._release(req_id)
+            self.released_answered += 1
+
     def p_gone(self, url: str, checked_at: float) -> None:
         """P's process ended (as seen at `checked_at`): what it held before cannot land now."""
         for req_id in [r for r, h in self._held.items() if h.url == url and h.since < checked_at]:
@@ -78,6 +94,7 @@ class Quarantine:
         return {"held_requests": len(self._held),
                 "held_blocks": sum(len(h.block_ids) for h in self._held.values()),
                 "held_total": self.held_total, "held_released_confirmed": self.released_confirmed,
+                "held_released_answered": self.released_answered,
                 "held_released_p_gone": self.released_gone}
 
     def close(self) -> None:

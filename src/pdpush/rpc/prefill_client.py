@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from pdpush.rpc.release import RELEASED_KEY, release_body
 from pdpush.vllm_api import WAITING_REQUESTS, parse_metrics
 
 GONE_CHECK_TIMEOUT_S = 2.0
@@ -48,6 +49,16 @@ class PrefillResult:
     # after was refused too. Nothing of P's can land any more (docs/architecture.md).
     p_gone: bool = False
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
+
+
+@dataclass
+class ReleaseAnswer:
+    """P's answer to "may D release the blocks it holds for req_id?" (rpc/release.py)."""
+
+    req_id: str
+    url: str
+    released: bool
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -111,7 +122,24 @@ class PrefillClient:
             future = self._calls.pop(req_id, None)
         return bool(future and future.cancel())
 
-    def drain_results(self) -> list[PrefillResult]:
+    def ask_release(self, url: str, req_id: str) -> None:
+        """Ask P whether D may release what it holds for req_id; the answer comes as a
+        ReleaseAnswer through drain_results (none when P does not answer)."""
+        self._loop.call(self._ask_release(url, req_id))
+
+    async def _ask_release(self, url: str, req_id: str) -> None:
+        try:
+            resp = await self._client.post(f"{url}/v1/completions", json=release_body(req_id),
+                                           timeout=GONE_CHECK_TIMEOUT_S * 5)
+            if resp.status_code != 200:
+                return
+            params = resp.json().get("kv_transfer_params") or {}
+        except (httpx.HTTPError, ValueError):
+            return
+        if params.get(RELEASED_KEY) is not None:
+            self._results.put(ReleaseAnswer(req_id, url, params[RELEASED_KEY] is True))
+
+    def drain_results(self) -> list[PrefillResult | ReleaseAnswer]:
         return _drain(self._results)
 
     def drain_health(self) -> list[HealthReport]:
