@@ -106,7 +106,8 @@ class PdpushConfig:
     max_inflight_per_prefill: int = 8
     # D: a P whose queue (waiting requests) is this long counts as full.
     max_prefill_queue: int = 16
-    # Lease: P must finish all WRITEs within this many seconds of D's do_prefill.
+    # Lease, D: the push budget sent to P (seconds from D's send; P posts no WRITE after it).
+    # P: how long a step waits for its transfer thread before failing those pushes.
     prefill_timeout_s: float = 30.0
     # Lease: D keeps blocks this much longer than the deadline before reusing them.
     lease_grace_s: float = 2.0
