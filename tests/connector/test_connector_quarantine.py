@@ -112,3 +112,16 @@ def test_p_answer_to_the_release_question_releases(monkeypatch):
     sched.build_meta(None)
     assert sched.stats()["held_released_answered"] == 1 and pool.free_ids() == list(range(16))
     assert not sched.has_pending()
+
+
+def test_p_gone_ends_the_wait_of_an_aborted_request():
+    sched, pool = scheduler()
+    pool.alloc(BLOCKS)
+    req = request("r", 100)
+    go_remote(sched, req, block_ids=BLOCKS)
+    assert sched.request_finished(req) == (True, None)  # client abort: blocks kept, call cancelled
+    sched.client.health.append(HealthReport(P, ok=False, refused=False))
+    assert sched.build_meta(None).give_up == []  # unreachable is not gone
+    sched.client.health.append(HealthReport(P, ok=False, refused=True))
+    assert sched.build_meta(None).give_up == ["r"]
+    assert sched.stats()["held_total"] == 0

@@ -227,15 +227,25 @@ class DecodeScheduler:
             if isinstance(event, HealthReport):
                 self.policy.health_checked(event.url, event.ok, event.queue, now)
                 if event.refused:
-                    self.quarantine.p_gone(event.url, event.at)
+                    self._p_gone(event.url, event.at)
             elif isinstance(event, ReleaseAnswer):
                 self.quarantine.answered(event.req_id, event.released)
             else:
                 self._on_result(event, now)
 
+    def _p_gone(self, url: str, at: float) -> None:
+        """P's process ended: release what D held for it, and stop waiting for the requests
+        whose call D itself ended (client aborts); the others' calls report the reset."""
+        self.quarantine.p_gone(url, at)
+        for rec in self._requests.values():
+            if rec.status is Status.WAITING_FOR_KV and rec.url == url and rec.aborted:
+                rec.give_up = True
+
     def _on_result(self, result: PrefillResult, now: float) -> None:
         """P's answer to do_prefill; it may come after the KV, even after D finished R."""
         self.policy.finished(result.url, result.ok, now)
+        if result.p_gone:
+            self._p_gone(result.url, result.at)
         rec = self._requests.get(result.req_id)
         if rec is None or rec.placement is None:
             return
@@ -247,8 +257,6 @@ class DecodeScheduler:
             return
         if result.first_token is not None:
             rec.placement.p_first_token = result.first_token
-        if result.p_gone:
-            self.quarantine.p_gone(result.url, result.at)
         if rec.status is Status.WAITING_FOR_KV and not result.ok:
             log.warning("pdpush: %s: remote prefill on %s failed: %s",
                         rec.req_id, result.url, result.error)
