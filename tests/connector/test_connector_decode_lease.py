@@ -1,4 +1,4 @@
-"""D's scheduler half: decisions, do_prefill, leases and fallbacks (no vLLM, no network).
+"""D's scheduler half: decisions, do_prefill, leases and fallbacks (no engine, no network).
 
 Requests are stand-ins with the fields the scheduler reads; the rpc client is a recorder whose
 results the test injects, so every failure path runs in milliseconds.
@@ -7,29 +7,16 @@ results the test injects, so every failure path runs in milliseconds.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace as NS
 
 import pytest
-from connector_fakes import FakeClient
+from connector_fakes import FakeClient, request
 
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.decode_scheduler import DecodeScheduler
 from pdpush.rpc.prefill_client import PrefillResult
-from pdpush.vllm_api import Transfers, request_view
+from pdpush.vllm_api import Transfers
 
 P = "http://p0"
-
-
-def request(req_id: str, n: int, temperature: float = 0.0, params=None, sampling=None, **fields):
-    """A view of a vLLM Request with vLLM's own SamplingParams (`sampling`: more of its fields);
-    `fields` replace the Request's (cache_salt, lora_request, mm_features, prompt_embeds)."""
-    from vllm import SamplingParams
-
-    raw = dict(request_id=req_id, num_prompt_tokens=n, num_tokens=n, prompt_token_ids=list(range(n)),
-               kv_transfer_params=params, output_token_ids=[], cache_salt=None, lora_request=None,
-               mm_features=[], prompt_embeds=None,
-               sampling_params=SamplingParams(temperature=temperature, **(sampling or {})))
-    return request_view(NS(**{**raw, **fields}))
 
 
 def blocks(ids):
