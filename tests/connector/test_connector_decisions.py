@@ -237,3 +237,14 @@ def test_p_that_may_have_written_does_not_release_early():
     sched.client.results.append(PrefillResult("a", P, False, error="P answered 400: ..."))
     assert sched.build_meta(None).give_up == []
     assert sched._requests["a"].status is Status.WAITING_FOR_KV
+
+
+def test_breaker_state_is_exported_as_prometheus_numbers():
+    from pdpush.connector.stats import prometheus_text
+
+    sched = make()
+    sched.client.health.append(HealthReport(P, False))
+    sched.build_meta(None)
+    text = prometheus_text(sched.stats())
+    assert f'pdpush_prefill_breaker_open{{url="{P}"}} 1.0' in text
+    assert f'pdpush_prefill_consecutive_failures{{url="{P}"}} 1.0' in text

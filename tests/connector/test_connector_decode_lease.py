@@ -149,7 +149,7 @@ def test_outcomes_apply_at_the_time_they_were_known(sched):
     sched.client.results = [PrefillResult("a", P, False, error="deadline", at=t - 20.0)]
     sched.build_meta(None)
     assert sched.get_num_new_matched_tokens(request("b", 100), 0) == (100, True)
-    assert sched.stats()["prefills"][P]["breaker"] == "open"  # open, retry time passed
+    assert sched.stats()["prefills"][P]["breaker_open"] is True  # open, retry time passed
 
     sched.update_state_after_alloc(request("b", 100), blocks(range(7)), 100)  # the trial
     sched.client.health = [HealthReport(P, True, at=t + 0.5)]

@@ -196,7 +196,9 @@ class DecodeScheduler:
         """Counters, the policy's inputs per P, and what is waiting (for /stats and tests)."""
         now = time.monotonic()
         peers = {p.url: {"inflight": p.inflight, "queue": p.queue, "healthy": p.available(now),
-                         "breaker": p.state, "completed": p.completed, "failed": p.failed}
+                         "breaker_open": p.open_until is not None,
+                         "consecutive_failures": p.failures,
+                         "completed": p.completed, "failed": p.failed}
                  for p in self.policy.peers.values()}
         waiting = sum(r.status is Status.WAITING_FOR_KV for r in self._requests.values())
         return {**asdict(self.counters), "waiting_for_kv": waiting, "prefills": peers}
