@@ -230,7 +230,6 @@ class DecodeScheduler:
         self._requests[req_id] = DecodeRequest(req_id, Status.LOCAL, placement)
 
     def _collect_rpc(self) -> None:
-        # In the order they happened: an old failed outcome must not undo a newer good check.
         # In the order they happened, each at the time it was known: an old failed outcome must
         # not undo a newer good check.
         events = [*self.client.drain_health(), *self.client.drain_results()]
