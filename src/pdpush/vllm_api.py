@@ -112,6 +112,18 @@ class Sampling:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    # No option that reshapes the logits (penalties, logit bias, min_tokens, bad words, allowed
+    # tokens, structured output, watermarking, extra_args for logits processors): P's greedy
+    # token is then defined to equal D's. P is sent only the fields above.
+    plain: bool = True
+
+
+def _plain(sp: Any) -> bool:
+    """vLLM 0.32 SamplingParams: no logits-shaping option set (see Sampling.plain)."""
+    return (sp.presence_penalty == 0 and sp.frequency_penalty == 0 and sp.repetition_penalty == 1
+            and not sp.min_tokens and not sp.logit_bias and not sp.allowed_token_ids
+            and not sp.bad_words and sp.structured_outputs is None
+            and not getattr(sp, "watermarking", None) and not sp.extra_args)
 
 
 @dataclass
@@ -125,14 +137,23 @@ class RequestView:
     kv_transfer_params: dict[str, Any] | None
     output_token_ids: Sequence[int] = ()
     sampling: Sampling | None = None
+    cache_salt: str | None = None
+    # Inputs that the prompt's token ids do not carry, so P (sent token ids only) cannot
+    # reproduce the KV: "lora", "multimodal", "prompt_embeds"; empty for a plain text prompt.
+    beyond_tokens: tuple[str, ...] = ()
 
 
 def request_view(request: Any) -> RequestView:
     sp = request.sampling_params
-    sampling = None if sp is None else Sampling(sp.temperature, sp.top_p, sp.top_k, sp.seed)
+    sampling = None if sp is None else Sampling(sp.temperature, sp.top_p, sp.top_k, sp.seed,
+                                                _plain(sp))
+    beyond = tuple(name for name, present in (
+        ("lora", request.lora_request is not None),
+        ("multimodal", bool(request.mm_features)),
+        ("prompt_embeds", request.prompt_embeds is not None)) if present)
     return RequestView(request.request_id, request.num_prompt_tokens, request.num_tokens,
                        request.prompt_token_ids, request.kv_transfer_params,
-                       request.output_token_ids, sampling)
+                       request.output_token_ids, sampling, request.cache_salt, beyond)
 
 
 def first_group_block_ids(blocks: Any) -> list[int]:
@@ -164,6 +185,16 @@ class BlockAccess:
     def release(self, block_ids: Sequence[int]) -> None:
         pool = self.manager.block_pool
         pool.free_blocks([pool.blocks[i] for i in block_ids])
+
+    def evict(self, block_ids: Sequence[int]) -> None:
+        """Take these blocks out of the prefix cache (their hashes), not out of their requests.
+
+        vLLM 0.32: KVCacheManager.evict_blocks (what vLLM does itself for blocks that failed to
+        load); a block without a hash is left alone, a block still in use keeps its data but no
+        later request can match it. vLLM 0.26 has the same call on the block pool only
+        (BlockPool.evict_blocks, reached through bind_gpu_block_pool).
+        """
+        self.manager.evict_blocks(set(block_ids))
 
 
 # -- steps -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 from types import SimpleNamespace as NS
 
 import pytest
-from connector_fakes import FakeClient
+from connector_fakes import FakeClient, request
 from connector_pool import RefPool
 
 torch = pytest.importorskip("torch")
@@ -30,7 +30,6 @@ from pdpush.connector.faults import FaultHooks  # noqa: E402
 from pdpush.connector.metadata import PrefillStepMeta, PushTarget, PushTask  # noqa: E402
 from pdpush.connector.prefill_worker import PrefillWorker  # noqa: E402
 from pdpush.local.cluster import free_port  # noqa: E402
-from pdpush.vllm_api import request_view  # noqa: E402
 
 CANARY = 7.0
 D_BLOCKS = [1, 2, 3]
@@ -57,9 +56,7 @@ def rig(tmp_path, monkeypatch):
 
 def remote_request(sched: DecodeScheduler, pool: RefPool) -> PushTarget:
     n = len(D_BLOCKS) * BS
-    req = request_view(NS(request_id="r", num_prompt_tokens=n, num_tokens=n,
-                          prompt_token_ids=list(range(n)), kv_transfer_params=None,
-                          output_token_ids=[], sampling_params=None))
+    req = request("r", n)
     assert sched.get_num_new_matched_tokens(req, 0) == (n, True)
     pool.alloc(D_BLOCKS)
     sched.update_state_after_alloc(req, D_BLOCKS, n)

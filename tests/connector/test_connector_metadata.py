@@ -62,11 +62,16 @@ def test_blocks_for_tokens_rounds_up():
 def test_client_mode_defaults_and_validation():
     assert client_mode(None) == ("auto", None)
     assert client_mode({"pdpush_prefill": "local"}) == ("local", None)
-    assert client_mode({"pdpush_prefill_tokens": [1, 2]}) == ("auto", [1, 2])
+    assert client_mode({"pdpush_prefill_tokens": [1, 2]}, allow_tokens=True) == ("auto", [1, 2])
     with pytest.raises(ParamsError, match="must be one of"):
         client_mode({"pdpush_prefill": "fast"})
     with pytest.raises(ParamsError, match="list of token ids"):
-        client_mode({"pdpush_prefill_tokens": "abc"})
+        client_mode({"pdpush_prefill_tokens": "abc"}, allow_tokens=True)
+
+
+def test_tokens_for_p_are_refused_unless_the_test_seam_is_on():
+    with pytest.raises(ParamsError, match="test-only setting"):
+        client_mode({"pdpush_prefill_tokens": [1, 2]})
 
 
 def test_notif_round_trip_and_foreign_messages():

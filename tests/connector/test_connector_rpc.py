@@ -20,7 +20,8 @@ from pdpush.rpc.prefill_client import PrefillClient, PrefillJob
 
 
 class FakePrefill(BaseHTTPRequestHandler):
-    """Behaviour by the prompt's first token: 0 ok, 1 bad params, 4 HTTP 400, 5 HTTP 500, 9 slow."""
+    """Behaviour by the prompt's first token: 0 ok, 1 bad params, 3 HTTP 403, 4 HTTP 400,
+    5 HTTP 500, 9 slow."""
 
     seen: list[dict] = []
 
@@ -30,8 +31,8 @@ class FakePrefill(BaseHTTPRequestHandler):
         kind = body["prompt"][0]
         if kind == 9:
             time.sleep(2)
-        if kind in (4, 5):
-            return self._send(400 if kind == 4 else 500, {"error": "no"})
+        if kind in (3, 4, 5):
+            return self._send({3: 403, 4: 400, 5: 500}[kind], {"error": "no"})
         params = {"pdpush_error": "bad target"} if kind == 1 else {"pdpush": {"pushed": True}}
         self._send(200, {"choices": [{"token_ids": [77]}], "kv_transfer_params": params})
 
@@ -93,7 +94,9 @@ def test_ok_returns_first_token_and_sends_one_token_request(client, fake_p):
 
 
 @pytest.mark.parametrize("kind, may_have_written, error", [
-    (1, False, "bad target"), (4, False, "P answered 400"), (5, True, "P answered 500"),
+    # 400: vLLM answers it also for errors raised after its engine started the request.
+    (1, False, "bad target"), (3, False, "P answered 403"), (4, True, "P answered 400"),
+    (5, True, "P answered 500"),
 ])
 def test_p_errors(client, fake_p, kind, may_have_written, error):
     client.submit(job(fake_p, kind))
@@ -114,6 +117,7 @@ def test_deadline_abandons_a_slow_prefill(client, fake_p):
     result = wait_result(client)
     assert time.monotonic() - start < 1.5
     assert not result.ok and result.may_have_written and "deadline" in result.error
+    assert result.at - start >= 0.3  # the outcome's time is when it was known, not the call's start
 
 
 def test_cancel_ends_the_call(client, fake_p):
@@ -121,7 +125,7 @@ def test_cancel_ends_the_call(client, fake_p):
     time.sleep(0.2)
     assert client.cancel("c")
     result = wait_result(client)
-    assert result.error == "cancelled by D" and result.may_have_written
+    assert result.error == "cancelled by D" and result.may_have_written and result.cancelled
     assert not client.cancel("c")
 
 

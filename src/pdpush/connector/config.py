@@ -11,6 +11,7 @@ dicts are plain JSON.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +21,9 @@ from pdpush.policy import PolicyConfig
 MODULE_PATH = "pdpush.connector.facade"
 CONNECTOR_NAME = "PdpushConnector"
 ON_FAILURE = ("local", "error")
+ON_FIRST_TOKEN_MISMATCH = ("log", "exclude-from-cache", "error")
+# The environment variable that must be "1" for `test_allow_prefill_tokens` (a test-only seam).
+TEST_MODE_ENV = "PDPUSH_TEST_MODE"
 DECODE_ROLE, PREFILL_ROLE = "kv_consumer", "kv_producer"  # vLLM's kv_role values for D and P
 PROBE_RX = ("auto", "rdma", "engine", "none")
 PROBE_TIMER = ("auto", "cuda", "cpu")
@@ -118,8 +122,20 @@ class PdpushConfig:
     # D: seconds between health checks of each P; a failed P is retried after retry_after_s.
     health_interval_s: float = 2.0
     retry_after_s: float = 10.0
+    # D: this many consecutive failures of a P (do_prefill or health check) open its circuit
+    # breaker; after retry_after_s one trial request may close it again (pdpush.policy).
+    breaker_failures: int = 3
     # D: what a failed remote prefill becomes: a local prefill, or an error for the client.
     on_failure: Literal["local", "error"] = "local"
+    # D: what a greedy first token of P that differs from D's does (plain greedy, remote only):
+    # log | exclude-from-cache (the request's pushed blocks leave D's prefix cache) | error
+    # (exclude-from-cache, the P counts one failure, the response carries an error).
+    on_first_token_mismatch: str = "log"
+    # D, tests only: honour kv_transfer_params.pdpush_prefill_tokens (P computes other tokens
+    # than the prompt; the must-fail control). Refused unless PDPUSH_TEST_MODE=1 in D's
+    # environment; such requests must carry a cache_salt and their blocks are kept out of D's
+    # prefix cache (docs/architecture.md, "Decisions and outcomes").
+    test_allow_prefill_tokens: bool = False
     # D: worker rank r serves its NIXL metadata on side_channel_port + r.
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 5600
@@ -157,7 +173,8 @@ class PdpushConfig:
         if role not in (DECODE_ROLE, PREFILL_ROLE):
             raise ConfigError(f"pdpush: kv_role must be kv_consumer (D) or kv_producer (P), not {role!r}")
         positive = ("max_inflight_per_prefill", "max_prefill_queue", "prefill_timeout_s",
-                    "health_interval_s", "retry_after_s", "side_channel_timeout_s")
+                    "health_interval_s", "retry_after_s", "side_channel_timeout_s",
+                    "breaker_failures")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"pdpush: {name} must be > 0, got {getattr(self, name)}")
@@ -173,6 +190,12 @@ class PdpushConfig:
                               f"{FAULT_HOOKS_ENV}=1 is set in the engine's environment")
         if self.on_failure not in ON_FAILURE:
             raise ConfigError(f"pdpush: on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
+        if self.on_first_token_mismatch not in ON_FIRST_TOKEN_MISMATCH:
+            raise ConfigError(f"pdpush: on_first_token_mismatch must be one of "
+                              f"{ON_FIRST_TOKEN_MISMATCH}, got {self.on_first_token_mismatch!r}")
+        if self.test_allow_prefill_tokens and os.environ.get(TEST_MODE_ENV) != "1":
+            raise ConfigError(f"pdpush: test_allow_prefill_tokens is a test-only setting: it "
+                              f"needs {TEST_MODE_ENV}=1 in the environment")
         for name in ("side_channel_port", "stats_port"):
             port = getattr(self, name)
             if not (0 <= port < 65536 and (port or name == "stats_port")):
@@ -187,7 +210,7 @@ class PdpushConfig:
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(self.remote_threshold_tokens, self.max_inflight_per_prefill,
-                            self.max_prefill_queue, self.retry_after_s)
+                            self.max_prefill_queue, self.retry_after_s, self.breaker_failures)
 
     @staticmethod
     def is_decode_extra(extra: dict[str, Any] | None) -> bool:
@@ -204,6 +227,10 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"pdpush: {name} must be a list of strings, got {value!r}")
         return tuple(v.rstrip("/") for v in value)
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"pdpush: {name} must be true or false, got {value!r}")
+        return value
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"pdpush: {name} must be an integer, got {value!r}")

@@ -18,8 +18,10 @@ from typing import Any
 PARAMS_KEY = "pdpush"  # kv_transfer_params[PARAMS_KEY] carries the PushTarget
 CLIENT_MODE_KEY = "pdpush_prefill"  # client → D: "auto" (default), "local" or "remote"
 CLIENT_MODES = ("auto", "local", "remote")
-# Debug/test seam: client → D, token ids sent to P instead of the prompt. The control test uses
-# it to prove that D really decodes from the pushed KV (B's prompt with A's KV gives A's text).
+# Test-only seam: client → D, token ids sent to P instead of the prompt. The must-fail control
+# uses it to prove that D really decodes from the pushed KV (B's prompt with A's KV gives A's
+# text). Honoured only when D's config has test_allow_prefill_tokens (which needs
+# PDPUSH_TEST_MODE=1); otherwise the request is served locally with a pdpush_error.
 CLIENT_TOKENS_KEY = "pdpush_prefill_tokens"
 
 
@@ -90,16 +92,22 @@ class PushTarget:
             )
 
 
-def client_mode(params: dict[str, Any] | None) -> tuple[str, list[int] | None]:
-    """The client's optional routing hint on D: (mode, tokens for P); ParamsError if bad."""
+def client_mode(params: dict[str, Any] | None,
+                allow_tokens: bool = False) -> tuple[str, list[int] | None]:
+    """The client's optional routing hint on D: (mode, tokens for P); ParamsError if bad.
+
+    Tokens for P (the test seam, CLIENT_TOKENS_KEY) are refused unless `allow_tokens`."""
     params = params or {}
     mode = params.get(CLIENT_MODE_KEY, "auto")
     if mode not in CLIENT_MODES:
         raise ParamsError(f"kv_transfer_params.{CLIENT_MODE_KEY} must be one of {CLIENT_MODES}, got {mode!r}")
     tokens = params.get(CLIENT_TOKENS_KEY)
-    if tokens is not None and not (
-        isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)
-    ):
+    if tokens is None:
+        return mode, None
+    if not allow_tokens:
+        raise ParamsError(f"kv_transfer_params.{CLIENT_TOKENS_KEY} is a test-only setting, off "
+                          f"on this server (test_allow_prefill_tokens)")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)):
         raise ParamsError(f"kv_transfer_params.{CLIENT_TOKENS_KEY} must be a list of token ids")
     return mode, tokens
 

@@ -25,6 +25,12 @@ from pdpush.vllm_api import WAITING_REQUESTS, parse_metrics
 GONE_CHECK_TIMEOUT_S = 2.0
 
 
+# HTTP statuses P's server gives before its engine sees a request: 401 (vLLM's --api-key
+# middleware) and 403 (a pdpush peer check refusing D). P's connector's own refusal of a push
+# target comes as `pdpush_error` in a 200 answer: it refused in its first hook, before any push.
+REJECTED_BEFORE_ENGINE = (401, 403)
+
+
 @dataclass
 class PrefillJob:
     req_id: str  # D's engine request id
@@ -42,12 +48,14 @@ class PrefillResult:
     ok: bool
     first_token: int | None = None
     error: str = ""
-    # False only when P certainly never started pushing (refused, rejected, bad params):
-    # then D may reuse the blocks at once instead of waiting for the lease to end.
+    # False only on a confirmed "nothing written" (see `_post`): the connection was refused
+    # before the request was sent, or P rejected the request before its engine or its connector
+    # pushed anything. Then D may reuse the blocks at once instead of waiting for the lease.
     may_have_written: bool = True
     # P's process ended: the call's connection was refused or reset and a health check right
     # after was refused too. Nothing of P's can land any more (docs/architecture.md).
     p_gone: bool = False
+    cancelled: bool = False  # D abandoned the call (client abort): no verdict on P
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
 
 
@@ -160,9 +168,9 @@ class PrefillClient:
             result = await asyncio.wait_for(self._post(job),
                                             max(0.1, job.deadline - time.monotonic()))
         except asyncio.CancelledError:
-            result.error = "cancelled by D"
+            result.error, result.cancelled = "cancelled by D", True
             raise
-        except httpx.ConnectError as exc:
+        except httpx.ConnectError as exc:  # no connection, so no request was sent
             result.error = f"cannot reach {job.url}: {exc}"
             result.may_have_written = False
             result.p_gone = _is_refused(exc) and await self._refused(job.url)
@@ -176,6 +184,7 @@ class PrefillClient:
         except httpx.HTTPError as exc:
             result.error = f"do_prefill to {job.url} failed: {exc!r}"
         finally:
+            result.at = time.monotonic()  # applied as of now, not as of the call's start
             with self._lock:
                 self._calls.pop(job.req_id, None)
             self._results.put(result)
@@ -190,9 +199,11 @@ class PrefillClient:
         }
         resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=None)
         if resp.status_code != 200:
-            # 4xx: P's server rejected the request before its engine saw it.
+            # Only an authentication refusal is answered before P's engine sees the request; vLLM
+            # answers 400 also for errors raised after its engine started it (P may have pushed).
             return PrefillResult(job.req_id, job.url, False, error=f"P answered {resp.status_code}: "
-                                 f"{resp.text[:200]}", may_have_written=resp.status_code >= 500)
+                                 f"{resp.text[:200]}",
+                                 may_have_written=resp.status_code not in REJECTED_BEFORE_ENGINE)
         data = resp.json()
         choice = data["choices"][0]
         params = data.get("kv_transfer_params") or {}
