@@ -11,6 +11,7 @@ dicts are plain JSON.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,9 @@ ON_FAILURE = ("local", "error")
 DECODE_ROLE, PREFILL_ROLE = "kv_consumer", "kv_producer"  # vLLM's kv_role values for D and P
 PROBE_RX = ("auto", "rdma", "engine", "none")
 PROBE_TIMER = ("auto", "cuda", "cpu")
+# Settings named `debug_*` break a guarantee on purpose (tests that must be able to fail use them);
+# an engine accepts them only when this variable is "1" in its environment.
+TEST_MODE_ENV = "PDPUSH_TEST_MODE"
 
 
 class ConfigError(ValueError):
@@ -124,6 +128,12 @@ class PdpushConfig:
     side_channel_timeout_s: float = 5.0
     # D: the step probe; off unless it names a log or a metrics endpoint.
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # Test only (PDPUSH_TEST_MODE=1), P: post each layer's WRITE without waiting for its CUDA
+    # event, i.e. break the sender ordering rule, so an ordering test has a control that can fail.
+    debug_skip_layer_event: bool = False
+    # Test only (PDPUSH_TEST_MODE=1), P: hold the forward stream this many microseconds before
+    # each layer's KV write (a GPU sleep kernel), so a WRITE posted too early ships stale bytes.
+    debug_delay_layer_us: int = 0
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None, role: str) -> "PdpushConfig":
@@ -169,6 +179,12 @@ class PdpushConfig:
             raise ConfigError("pdpush: D (kv_consumer) needs at least one entry in prefill_urls")
         if role == PREFILL_ROLE and self.prefill_urls:
             raise ConfigError("pdpush: prefill_urls is D's setting (kv_consumer); P takes none")
+        if self.debug_delay_layer_us < 0:
+            raise ConfigError("pdpush: debug_delay_layer_us must be >= 0")
+        debug = [f.name for f in dataclasses.fields(self)
+                 if f.name.startswith("debug_") and getattr(self, f.name) != f.default]
+        if debug:
+            require_test_mode(debug)
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(self.remote_threshold_tokens, self.max_inflight_per_prefill,
@@ -181,6 +197,18 @@ class PdpushConfig:
         return bool((extra or {}).get("prefill_urls"))
 
 
+def test_mode() -> bool:
+    """True when this process may accept test-only settings (TEST_MODE_ENV is "1")."""
+    return os.environ.get(TEST_MODE_ENV) == "1"
+
+
+def require_test_mode(what: list[str]) -> None:
+    """Refuse test-only settings in a served config: they exist to make a test's control fail."""
+    if not test_mode():
+        raise ConfigError(f"pdpush: {', '.join(what)}: test-only setting(s), refused unless "
+                          f"{TEST_MODE_ENV}=1 is set in the engine's environment")
+
+
 def _coerce(name: str, annotation: str, value: Any) -> Any:
     """Check one value against its annotation (strings: `from __future__ import annotations`)."""
     if annotation.startswith("tuple"):
@@ -189,6 +217,10 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"pdpush: {name} must be a list of strings, got {value!r}")
         return tuple(v.rstrip("/") for v in value)
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"pdpush: {name} must be true or false, got {value!r}")
+        return value
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"pdpush: {name} must be an integer, got {value!r}")
