@@ -134,6 +134,9 @@ class PdpushConfig:
     # Test only (PDPUSH_TEST_MODE=1), P: hold the forward stream this many microseconds before
     # each layer's KV write (a GPU sleep kernel), so a WRITE posted too early ships stale bytes.
     debug_delay_layer_us: int = 0
+    # Test only (PDPUSH_TEST_MODE=1), D: report each request's block ids and compare blocks on
+    # request (connector/debug_kv.py), so a test can check pushed KV against D's own.
+    debug_kv_compare: bool = False
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None, role: str) -> "PdpushConfig":
