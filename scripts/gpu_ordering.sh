@@ -5,10 +5,11 @@
 # after the other, runs N trials per P (remote prefill vs D's own, KV compared block by block on
 # D) and writes OUT/results.json, OUT/results.md, OUT/env.txt, OUT/run.log, OUT/logs/.
 # What it proves and how: tests/gpu/ordering_run.py and docs/architecture.md "Memory ordering".
-# Three engine starts of 60-110 s each plus ~1 min of trials: 4-6 minutes.
+# Three engine starts of 60-110 s each plus 1-2 min of trials: 4-7 minutes. Needs D's /kv_digest
+# (connector/kv_digest.py). PDPUSH_GPU_DRY_RUN=1 runs the flow on vLLM CPU engines instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: scripts/gpu_ordering.sh OUT [--trials N] [--delay-us US] [--cpu-dry-run]}
+out=${1:?usage: scripts/gpu_ordering.sh OUT [--trials N] [--delay-us US] [--budget-s S]}
 shift
 mkdir -p "$out"
 # The GPU stack (vLLM 0.26 + NIXL) prepends its paths; the tree's src goes first either way.

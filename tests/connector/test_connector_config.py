@@ -76,8 +76,7 @@ def test_prefill_urls_belong_to_d_only():
         PdpushConfig.from_extra_config({"prefill_urls": ["http://p"]}, "kv_producer")
 
 
-@pytest.mark.parametrize("extra", [{"debug_skip_layer_event": True}, {"debug_delay_layer_us": 500},
-                                   {"debug_kv_compare": True}])
+@pytest.mark.parametrize("extra", [{"debug_skip_layer_event": True}, {"debug_delay_layer_us": 500}])
 def test_debug_settings_are_refused_unless_a_test_asks(extra, monkeypatch):
     """A served config must not be able to switch off the ordering rule by a typo'd copy-paste."""
     monkeypatch.delenv("PDPUSH_TEST_MODE", raising=False)

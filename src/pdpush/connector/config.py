@@ -23,9 +23,10 @@ ON_FAILURE = ("local", "error")
 DECODE_ROLE, PREFILL_ROLE = "kv_consumer", "kv_producer"  # vLLM's kv_role values for D and P
 PROBE_RX = ("auto", "rdma", "engine", "none")
 PROBE_TIMER = ("auto", "cuda", "cpu")
-# Settings named `debug_*` break a guarantee on purpose (tests that must be able to fail use them);
-# an engine accepts them only when this variable is "1" in its environment.
+# Settings that break a guarantee on purpose (the controls of tests that must be able to fail):
+# an engine accepts them, set to anything but their default, only when TEST_MODE_ENV is "1".
 TEST_MODE_ENV = "PDPUSH_TEST_MODE"
+TEST_ONLY_KEYS = ("debug_skip_layer_event", "debug_delay_layer_us")
 
 
 class ConfigError(ValueError):
@@ -134,9 +135,6 @@ class PdpushConfig:
     # Test only (PDPUSH_TEST_MODE=1), P: hold the forward stream this many microseconds before
     # each layer's KV write (a GPU sleep kernel), so a WRITE posted too early ships stale bytes.
     debug_delay_layer_us: int = 0
-    # Test only (PDPUSH_TEST_MODE=1), D: report each request's block ids and compare blocks on
-    # request (connector/debug_kv.py), so a test can check pushed KV against D's own.
-    debug_kv_compare: bool = False
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None, role: str) -> "PdpushConfig":
@@ -184,10 +182,10 @@ class PdpushConfig:
             raise ConfigError("pdpush: prefill_urls is D's setting (kv_consumer); P takes none")
         if self.debug_delay_layer_us < 0:
             raise ConfigError("pdpush: debug_delay_layer_us must be >= 0")
-        debug = [f.name for f in dataclasses.fields(self)
-                 if f.name.startswith("debug_") and getattr(self, f.name) != f.default]
-        if debug:
-            require_test_mode(debug)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        test_only = [k for k in TEST_ONLY_KEYS if getattr(self, k) != defaults[k]]
+        if test_only:
+            require_test_mode(test_only)
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(self.remote_threshold_tokens, self.max_inflight_per_prefill,

@@ -15,7 +15,6 @@ import logging
 import time
 from typing import Any
 
-from pdpush.connector import debug_kv
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.kv_region import LocalKV
 from pdpush.connector.metadata import DecodeStepMeta, Notif
@@ -54,10 +53,7 @@ class DecodeWorker:
         device = self.kv.placement.device if self.kv.placement.kind == "VRAM" else None
         self.fence = ReceiveFence.for_device(device)
         port = self.config.side_channel_port + self.rank
-        routes: dict[str, Any] = {"/meta": self.describe}
-        if self.config.debug_kv_compare:
-            routes[debug_kv.ROUTE] = debug_kv.BlockComparer(kv_caches, self.num_blocks).compare
-        self.server = JsonServer(self.config.side_channel_host, port, routes)
+        self.server = JsonServer(self.config.side_channel_host, port, {"/meta": self.describe})
         log.info("pdpush D rank %d: %d layers registered, metadata on %s:%d (fence ordering %d)",
                  self.rank, len(self.kv.layer_names), self.config.side_channel_host, port,
                  self.fence.ordering)

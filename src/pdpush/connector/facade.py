@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from pdpush import vllm_api as api
-from pdpush.connector import debug_kv
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.halves import (
     SchedulerHalf, WorkerHalf, make_scheduler_half, make_worker_half,
@@ -95,10 +94,7 @@ class PdpushConnector(api.ConnectorBase):
         self.sched.update_connector_output(api.from_connector_output(connector_output))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        delay, params = self.sched.request_finished(api.request_view(request))
-        if self.config.debug_kv_compare and params is not None:  # test only: connector/debug_kv.py
-            params = {**params, debug_kv.BLOCK_IDS_KEY: [int(b) for b in block_ids]}
-        return delay, params
+        return self.sched.request_finished(api.request_view(request))
 
     def has_pending_push_work(self) -> bool:
         return self.sched.has_pending()

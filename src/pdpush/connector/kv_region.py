@@ -22,11 +22,16 @@ class LocalKV:
 
     @classmethod
     def from_caches(cls, kv_caches: dict[str, Any], num_blocks: int) -> "LocalKV":
+        """The block dimension is the one whose size is the engine's block count."""
         names = list(kv_caches)
         layouts = []
         for name in names:
             tensor = kv_caches[name]
-            layouts.append(BlockLayout.from_tensor(tensor, block_dim=block_dim(name, tensor, num_blocks)))
+            dims = [d for d, n in enumerate(tensor.shape) if n == num_blocks]
+            if not dims:
+                raise ValueError(f"pdpush: no dimension of {name} {tuple(tensor.shape)} has "
+                                 f"{num_blocks} blocks")
+            layouts.append(BlockLayout.from_tensor(tensor, block_dim=dims[0]))
         first = kv_caches[names[0]]
         device = first.device
         placement = VRAM(device.index or 0) if device.type == "cuda" else DRAM
@@ -43,15 +48,6 @@ class LocalKV:
             "layouts": [asdict(layout) for layout in self.layouts],
             "placement": asdict(self.placement),
         }
-
-
-def block_dim(name: str, tensor: Any, num_blocks: int) -> int:
-    """The block dimension of a layer's cache: the first whose size is the engine's block count."""
-    dims = [d for d, n in enumerate(tensor.shape) if n == num_blocks]
-    if not dims:
-        raise ValueError(f"pdpush: no dimension of {name} {tuple(tensor.shape)} has "
-                         f"{num_blocks} blocks")
-    return dims[0]
 
 
 @dataclass

@@ -13,15 +13,13 @@ import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
 
-Routes = dict[str, Callable[..., Any]]
+Routes = dict[str, Callable[[], Any]]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # peers are direct
 
 
 class JsonServer:
-    """Serves `routes` (path -> callable returning JSON-able data or a str); the query string's
-    parameters become keyword arguments (most routes take none)."""
+    """Serves `routes` (path -> zero-argument callable returning JSON-able data or a str)."""
 
     def __init__(self, host: str, port: int, routes: Routes) -> None:
         handler = _handler_for(routes)
@@ -44,13 +42,12 @@ class JsonServer:
 def _handler_for(routes: Routes) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            path, _, query = self.path.partition("?")
-            route = routes.get(path)
+            route = routes.get(self.path.split("?")[0])
             if route is None:
                 self._send(404, {"error": f"no route {self.path}"})
                 return
             try:
-                self._send(200, route(**{k: v[-1] for k, v in parse_qs(query).items()}))
+                self._send(200, route())
             except Exception as exc:  # a broken route must not kill the server thread
                 self._send(500, {"error": repr(exc)})
 
