@@ -27,6 +27,10 @@ TEST_MODE_ENV = "PDPUSH_TEST_MODE"
 DECODE_ROLE, PREFILL_ROLE = "kv_consumer", "kv_producer"  # vLLM's kv_role values for D and P
 PROBE_RX = ("auto", "rdma", "engine", "none")
 PROBE_TIMER = ("auto", "cuda", "cpu")
+# Settings that break a guarantee on purpose (the controls of tests that must be able to fail):
+# an engine accepts them, set to anything but their default, only when TEST_MODE_ENV is "1".
+TEST_MODE_ENV = "PDPUSH_TEST_MODE"
+TEST_ONLY_KEYS = ("debug_skip_layer_event", "debug_delay_layer_us")
 
 
 class ConfigError(ValueError):
@@ -149,6 +153,12 @@ class PdpushConfig:
     fault_hooks_dir: str = ""
     # D: the step probe; off unless it names a log or a metrics endpoint.
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # Test only (PDPUSH_TEST_MODE=1), P: post each layer's WRITE without waiting for its CUDA
+    # event, i.e. break the sender ordering rule, so an ordering test has a control that can fail.
+    debug_skip_layer_event: bool = False
+    # Test only (PDPUSH_TEST_MODE=1), P: hold the forward stream this many microseconds before
+    # each layer's KV write (a GPU sleep kernel), so a WRITE posted too early ships stale bytes.
+    debug_delay_layer_us: int = 0
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None, role: str) -> "PdpushConfig":
@@ -207,6 +217,12 @@ class PdpushConfig:
             raise ConfigError("pdpush: D (kv_consumer) needs at least one entry in prefill_urls")
         if role == PREFILL_ROLE and self.prefill_urls:
             raise ConfigError("pdpush: prefill_urls is D's setting (kv_consumer); P takes none")
+        if self.debug_delay_layer_us < 0:
+            raise ConfigError("pdpush: debug_delay_layer_us must be >= 0")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        test_only = [k for k in TEST_ONLY_KEYS if getattr(self, k) != defaults[k]]
+        if test_only:
+            require_test_mode(test_only)
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(self.remote_threshold_tokens, self.max_inflight_per_prefill,
@@ -217,6 +233,18 @@ class PdpushConfig:
         """D or P from the extra config alone, for the one vLLM hook that gets nothing else
         (`requires_piecewise_for_cudagraph`): validation makes prefill_urls D-only."""
         return bool((extra or {}).get("prefill_urls"))
+
+
+def test_mode() -> bool:
+    """True when this process may accept test-only settings (TEST_MODE_ENV is "1")."""
+    return os.environ.get(TEST_MODE_ENV) == "1"
+
+
+def require_test_mode(what: list[str]) -> None:
+    """Refuse test-only settings in a served config: they exist to make a test's control fail."""
+    if not test_mode():
+        raise ConfigError(f"pdpush: {', '.join(what)}: test-only setting(s), refused unless "
+                          f"{TEST_MODE_ENV}=1 is set in the engine's environment")
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:

@@ -28,7 +28,7 @@ from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTarget, PushTa
 from pdpush.rpc.json_server import get_json
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
 from pdpush.transfer.layout import RunPlan
-from pdpush.transfer.ordering import OrderedPoster
+from pdpush.transfer.ordering import OrderedPoster, delay_stream
 from pdpush.vllm_api import Transfers
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
@@ -148,6 +148,8 @@ class PrefillWorker:
         if not self._plans:
             return
         event = _layer_event(kv_layer)
+        if self.config.debug_skip_layer_event:
+            event = None  # the control of the sender rule: recorded as usual, not waited for
         index = self._layer_index[layer_name]
         for task, plan in self._plans:
             out = self._out[task.req_id]
@@ -160,6 +162,8 @@ class PrefillWorker:
                 continue
             out.queued += 1
             self._poster.submit(event, WriteJob(task.req_id, out, runs))
+        if self.config.debug_delay_layer_us and getattr(kv_layer, "is_cuda", False):
+            delay_stream(self.config.debug_delay_layer_us)  # see _layer_event
 
     def wait_for_save(self) -> None:
         """Collect the handles of this step's WRITEs (posting waits only on layer events)."""
@@ -292,7 +296,21 @@ class PrefillWorker:
 
 
 def _layer_event(kv_layer: Any) -> Any:
-    """A CUDA event after the layer's KV write (sender ordering rule); None on the CPU."""
+    """A CUDA event after the layer's KV write (sender ordering rule); None on the CPU.
+
+    vLLM calls save_kv_layer(L) from the attention op once the CPU has *enqueued* layer L's KV
+    write (unified_kv_cache_update) and attention; the GPU may not have run them yet (graph
+    replays and launches are asynchronous). The event, recorded here on the forward stream, fires
+    once they ran; the transfer thread posts L's WRITE only then.
+
+    The test settings (config.py, `debug_*`) turn that into a control that can fail:
+    `debug_skip_layer_event` records the event but does not hand it over, so the WRITE is
+    posted at once;
+    `debug_delay_layer_us` enqueues a GPU sleep on the forward stream after this point, i.e.
+    ahead of layer L+1's kernels, KV write included. The CPU runs on to save_kv_layer(L+1) while
+    that write still waits behind the sleep (and those of the layers before it), so a WRITE
+    posted without the event reads L+1's blocks before they hold L+1's KV. Layer 0 is not delayed.
+    """
     if getattr(kv_layer, "is_cuda", False):
         import torch
 
