@@ -22,15 +22,13 @@ MODULE_PATH = "pdpush.connector.facade"
 CONNECTOR_NAME = "PdpushConnector"
 ON_FAILURE = ("local", "error")
 ON_FIRST_TOKEN_MISMATCH = ("log", "exclude-from-cache", "error")
-# The environment variable that must be "1" for `test_allow_prefill_tokens` (a test-only seam).
-TEST_MODE_ENV = "PDPUSH_TEST_MODE"
 DECODE_ROLE, PREFILL_ROLE = "kv_consumer", "kv_producer"  # vLLM's kv_role values for D and P
 PROBE_RX = ("auto", "rdma", "engine", "none")
 PROBE_TIMER = ("auto", "cuda", "cpu")
 # Settings that break a guarantee on purpose (the controls of tests that must be able to fail):
 # an engine accepts them, set to anything but their default, only when TEST_MODE_ENV is "1".
 TEST_MODE_ENV = "PDPUSH_TEST_MODE"
-TEST_ONLY_KEYS = ("debug_skip_layer_event", "debug_delay_layer_us")
+TEST_ONLY_KEYS = ("test_allow_prefill_tokens", "debug_skip_layer_event", "debug_delay_layer_us")
 
 
 class ConfigError(ValueError):
@@ -203,9 +201,6 @@ class PdpushConfig:
         if self.on_first_token_mismatch not in ON_FIRST_TOKEN_MISMATCH:
             raise ConfigError(f"pdpush: on_first_token_mismatch must be one of "
                               f"{ON_FIRST_TOKEN_MISMATCH}, got {self.on_first_token_mismatch!r}")
-        if self.test_allow_prefill_tokens and os.environ.get(TEST_MODE_ENV) != "1":
-            raise ConfigError(f"pdpush: test_allow_prefill_tokens is a test-only setting: it "
-                              f"needs {TEST_MODE_ENV}=1 in the environment")
         for name in ("side_channel_port", "stats_port"):
             port = getattr(self, name)
             if not (0 <= port < 65536 and (port or name == "stats_port")):
