@@ -20,5 +20,5 @@ def test_step_metadata_survives_the_trip_to_the_workers():
     api = pytest.importorskip("pdpush.vllm_api")
     from pdpush.connector.metadata import DecodeStepMeta
 
-    meta = pickle.loads(pickle.dumps(api.StepMeta(DecodeStepMeta(expect=["a"], give_up=["b"]))))
-    assert isinstance(meta, api.StepMeta) and meta.step == DecodeStepMeta(["a"], ["b"])
+    meta = pickle.loads(pickle.dumps(api.StepMeta(DecodeStepMeta(expect={"a": [3]}, give_up=["b"]))))
+    assert isinstance(meta, api.StepMeta) and meta.step == DecodeStepMeta({"a": [3]}, ["b"])

@@ -6,8 +6,11 @@ after P saw every WRITE complete) and after the receive fence (flush rule, trans
 it is reported failed when P says so or when the scheduler gives it up (lease ended). Every
 notification of P's, also one that comes after the give-up, is reported (`Transfers.notified`):
 it is what frees blocks the scheduler held at the lease's end (connector/quarantine.py).
+The failed ones come with the D blocks P was to fill (vLLM 0.26 learns of a failure only
+from those blocks).
 On the first rank it also runs the step probe (pdpush.probe) around each forward, when
-configured: `bind` opens the step, `wait_for_save` closes it.
+configured: `bind` opens the step, `wait_for_save` closes it (steps without a forward are not
+opened: vLLM 0.26 calls no wait_for_save for them).
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ class DecodeWorker:
         self.server: JsonServer | None = None
         self.kv: LocalKV | None = None
         self.rx_bytes = 0  # bytes P reported written into this rank, for the step probe
-        self._expected: set[str] = set()
+        self._expected: dict[str, list[int]] = {}  # req -> D blocks P fills
         self._early: dict[str, tuple[Notif, float]] = {}
         self._done: set[str] = set()
         self._failed: set[str] = set()
         self._notified: set[str] = set()
+        self._failed_blocks: set[int] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
@@ -69,9 +73,9 @@ class DecodeWorker:
 
     def bind(self, meta: DecodeStepMeta) -> None:
         """Before the forward: which requests to expect or give up on; the probe's step opens."""
-        if self.probe is not None:
+        self._batch_stats = meta.batch_stats
+        if self.probe is not None and meta.batch_stats is not None and meta.batch_stats.num_reqs:
             self.probe.step_begin()
-            self._batch_stats = meta.batch_stats
         self._expected.update(meta.expect)
         for req_id in meta.expect:
             early = self._early.pop(req_id, None)
@@ -79,9 +83,7 @@ class DecodeWorker:
                 self._settle(early[0])
         for req_id in meta.give_up:
             if req_id in self._expected:
-                self._expected.discard(req_id)
-                self._done.add(req_id)
-                self._failed.add(req_id)
+                self._fail(req_id)
 
     def handle_preemptions(self, meta: DecodeStepMeta) -> None:
         return  # D writes nothing a preempted request could race with
@@ -97,9 +99,11 @@ class DecodeWorker:
     def transfer_results(self, finished_req_ids: set[str]) -> Transfers:
         """Received and failed since the last call; failed ones are received too (vLLM's rule)."""
         self._poll()
-        done, failed, notified = self._done, self._failed, self._notified
-        self._done, self._failed, self._notified = set(), set(), set()
-        return Transfers(received=done, failed=failed, notified=dict.fromkeys(notified, 1))
+        result = Transfers(received=self._done, failed=self._failed,
+                           notified=dict.fromkeys(self._notified, 1),
+                           failed_blocks=self._failed_blocks)
+        self._done, self._failed, self._notified, self._failed_blocks = set(), set(), set(), set()
+        return result
 
     def _poll(self) -> None:
         if self.engine is None:
@@ -120,15 +124,21 @@ class DecodeWorker:
             del self._early[req_id]
 
     def _settle(self, notif: Notif) -> None:
-        self._expected.discard(notif.d_req_id)
-        self._done.add(notif.d_req_id)
         self.rx_bytes += notif.nbytes
         if notif.ok:
+            del self._expected[notif.d_req_id]
+            self._done.add(notif.d_req_id)
             assert self.fence is not None
             self.fence.after_writes()
         else:
             log.warning("pdpush: %s: P stopped pushing: %s", notif.d_req_id, notif.reason)
-            self._failed.add(notif.d_req_id)
+            self._fail(notif.d_req_id)
+
+    def _fail(self, req_id: str) -> None:
+        """Received without usable KV: the request and the blocks P was to fill."""
+        self._failed_blocks.update(self._expected.pop(req_id))
+        self._done.add(req_id)
+        self._failed.add(req_id)
 
     def close(self) -> None:
         if self.probe is not None:
