@@ -45,6 +45,7 @@ class DecodeWorker:
         self.fence: ReceiveFence | None = None
         self.server: JsonServer | None = None
         self.kv: LocalKV | None = None
+        self.digest: Any = None  # kv_digest.KVDigest when config.debug_kv_digest
         self.rx_bytes = 0  # bytes P reported written into this rank, for the step probe
         self._expected: dict[str, list[int]] = {}  # req -> D blocks P fills
         self._early: dict[str, tuple[Notif, float]] = {}
@@ -60,7 +61,13 @@ class DecodeWorker:
         device = self.kv.placement.device if self.kv.placement.kind == "VRAM" else None
         self.fence = ReceiveFence.for_device(device)
         port = self.config.side_channel_port + self.rank
-        self.server = JsonServer(self.config.side_channel_host, port, {"/meta": self.describe})
+        routes = {"/meta": self.describe}
+        if self.config.debug_kv_digest:
+            from pdpush.connector.kv_digest import KVDigest
+
+            self.digest = KVDigest(kv_caches, self.num_blocks)
+            routes["/kv_digest"] = self.digest.changed
+        self.server = JsonServer(self.config.side_channel_host, port, routes)
         log.info("pdpush D rank %d: %d layers registered, metadata on %s:%d (fence ordering %d)",
                  self.rank, len(self.kv.layer_names), self.config.side_channel_host, port,
                  self.fence.ordering)
@@ -77,6 +84,8 @@ class DecodeWorker:
         if self.probe is not None and meta.batch_stats is not None and meta.batch_stats.num_reqs:
             self.probe.step_begin()
         self._expected.update(meta.expect)
+        if self.digest is not None:
+            self.digest.expected.update(meta.expect)
         for req_id in meta.expect:
             early = self._early.pop(req_id, None)
             if early is not None:
