@@ -114,6 +114,7 @@ def gpu_cluster(model: Path, recorder: "Recorder", server_env: dict[str, str]) -
                           servers_up_s=round(time.monotonic() - t0, 1), decode_opts=DECODE_OPTS,
                           prefill_args=PREFILL_ARGS, decode_args=DECODE_ARGS)
             c.d_stats, c.p_stats, c.d_side = d_stats, p_stats, d_side
+            c.remote_runs = []  # every response D served from a push (ask)
             c.baseline = {d_stats: stats(d_stats)["free_blocks"],
                           p_stats: stats(p_stats)["free_blocks"]}
             try:
@@ -179,6 +180,8 @@ def ask(cluster, prompt: list[int], salt: str, mode: str, tokens_for_p: list[int
     body = complete(cluster.decode.url, prompt, max_tokens, timeout=timeout,
                     kv_transfer_params=params, cache_salt=salt, logprobs=2,
                     return_tokens_as_token_ids=True)
+    if where(body).get("prefill") == "remote":
+        cluster.remote_runs.append(body)
     return body, round(time.monotonic() - t0, 3)
 
 
@@ -210,6 +213,19 @@ def top2(body: dict, index: int) -> dict[str, float] | None:
     logprobs = body["choices"][0].get("logprobs") or {}
     tops = logprobs.get("top_logprobs") or []
     return tops[index] if index < len(tops) else None
+
+
+NEAR_TIE = 0.25  # logprob gap under which two tokens are a near-tie (bf16: a few ulps at ~-4)
+
+
+def same_up_to_near_tie(a: dict, b: dict) -> bool:
+    """Equal greedy tokens, or the first difference is a near-tie in both runs (the two best
+    tokens within NEAR_TIE): after it the outputs continue different texts, as greedy does."""
+    diff = first_difference(tokens(a), tokens(b))
+    if diff is None:
+        return True
+    gaps = (margin(top2(a, diff)), margin(top2(b, diff)))
+    return all(g is not None and g < NEAR_TIE for g in gaps)
 
 
 def margin(top: dict[str, float] | None) -> float | None:

@@ -7,10 +7,16 @@ prefilled by D itself ("local"): the only difference between the two runs is whe
 from. Requests carry a `cache_salt`, so a local run never reuses blocks that the remote run left
 in D's prefix cache (and the prefix-cache check shares a salt on purpose).
 
-Both servers run with VLLM_BATCH_INVARIANT=1: without it vLLM on GPU is not batch-invariant and
-two runs of one prompt can differ on near-ties, which would hide or fake a transfer bug. A
-mismatch is recorded with the first differing index and the top-2 logprobs there, so a near-tie
-can be told from wrong KV. Skipped without a CUDA device and a CUDA build of vLLM.
+Both servers run with VLLM_BATCH_INVARIANT=1. What the H200 showed (results/gpu-connector/):
+the blocks P pushes are bit for bit D's own (test_pushed_kv_is_bit_for_bit_d_local_kv), but a
+remote run is not the same computation as a local one: D recomputes the prompt's last token
+alone (a 1-token step over the pushed KV), where a local prefill computes it inside the whole
+prompt; the two differ in low bits from layer 1 on, and greedy tokens then part at near-ties.
+So remote == local is checked exactly where both runs take the same path (the local one with
+the prompt's full blocks in D's prefix cache: test_remote_equals_local_on_the_same_path), and
+elsewhere as "equal, or the first difference is a near-tie" (gpu_helpers.same_up_to_near_tie),
+with the first differing index and the top-2 logprobs recorded. Skipped without a CUDA device
+and a CUDA build of vLLM (PDPUSH_GPU_DRY_RUN=1 rehearses it on the CPU: gpu_helpers).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from typing import Any
 import httpx
 import pytest
 from gpu_helpers import (
-    BLOCK_SIZE, DECODE_OPTS, DRY_RUN, FREEZE, P_CHUNK_TOKENS, SERVER_ENV, THAW, Recorder, ask, compare_kv,
-    cuda_skip_reason, gpu_cluster, kv_digest, record_pair, signal_server,
+    BLOCK_SIZE, DECODE_OPTS, DRY_RUN, FREEZE, P_CHUNK_TOKENS, SERVER_ENV, THAW, Recorder, ask,
+    NEAR_TIE, compare_kv, cuda_skip_reason, first_difference, gpu_cluster, kv_digest, margin,
+    record_pair, same_up_to_near_tie, top2,
+    signal_server,
 )
 
 _reason = cuda_skip_reason()
@@ -63,6 +71,19 @@ def test_remote_equals_local_on_d(cluster, recorder, n):
                         p_chunks=-(-n // P_CHUNK_TOKENS))
     assert where(remote[0])["prefill"] == ("remote" if n in PUSHED else "local"), where(remote[0])
     assert where(local[0])["prefill"] == "local", where(local[0])
+    assert equal or same_up_to_near_tie(remote[0], local[0]), (tokens(remote[0]), tokens(local[0]))
+
+
+def test_remote_equals_local_on_the_same_path(cluster, recorder):
+    """Exact: one token more than 40 blocks. The local reference runs twice with one salt, so its
+    second run finds the 40 blocks in D's prefix cache and computes the last token alone, as D
+    does after a push. Same KV bytes, same steps: the same tokens, bit for bit."""
+    prompt = make_prompt(40 * BLOCK_SIZE + 1, 88)
+    ask(cluster, prompt, "path-local", "local")  # fills D's prefix cache
+    local = ask(cluster, prompt, "path-local", "local")
+    remote = ask(cluster, prompt, "path-remote", "remote")
+    equal = record_pair(recorder, "remote_eq_local_same_path_641", prompt, remote, local)
+    assert where(remote[0])["prefill"] == "remote", where(remote[0])
     assert equal, (tokens(remote[0]), tokens(local[0]))
 
 
@@ -77,7 +98,7 @@ def test_partial_prefix_hit_on_d(cluster, recorder):
     equal = record_pair(recorder, "prefix_hit_600_of_1000", shared, remote, local, expected_skip=hit)
     assert where(remote[0])["prefill"] == "remote"
     assert where(remote[0])["skip_tokens"] == hit
-    assert equal, (tokens(remote[0]), tokens(local[0]))
+    assert equal or same_up_to_near_tie(remote[0], local[0]), (tokens(remote[0]), tokens(local[0]))
 
 
 def test_control_wrong_kv_continues_the_other_prompt(cluster, recorder):
@@ -88,23 +109,29 @@ def test_control_wrong_kv_continues_the_other_prompt(cluster, recorder):
     local_a = ask(cluster, a, "control-a", "local")
     local_b = ask(cluster, b, "control-b", "local")
     mixed = ask(cluster, b, "control-mixed", "remote", tokens_for_p=a)
-    differ = tokens(local_a[0]) != tokens(local_b[0])
-    equal = record_pair(recorder, "control_b_with_a_kv_gives_a", b, mixed, local_a,
-                        a_and_b_differ=differ)
-    assert differ, "A and B give the same tokens: the control could not fail"
+    differ = not same_up_to_near_tie(local_a[0], local_b[0])
+    like_a = same_up_to_near_tie(mixed[0], local_a[0])
+    record_pair(recorder, "control_b_with_a_kv_gives_a", b, mixed, local_a, a_and_b_differ=differ,
+                like_a_up_to_near_tie=like_a)
+    assert differ, "A and B give the same tokens (or part at a near-tie): the control could not fail"
     assert where(mixed[0])["prefill"] == "remote"
-    assert equal, (tokens(mixed[0]), tokens(local_a[0]), tokens(local_b[0]))
+    assert like_a, (tokens(mixed[0]), tokens(local_a[0]), tokens(local_b[0]))
 
 
 def test_first_tokens_agree_and_nothing_fell_back(cluster, recorder):
-    """P's greedy first token equals D's for every remote request (checked by D's connector)."""
+    """D's connector compares P's greedy first token with D's for every remote request. P's comes
+    from a whole prefill, D's from its 1-token step after the push, so they may part where D's
+    two best first tokens are a near-tie (module docstring): every mismatch must be one of those."""
     complete(cluster.decode.url, [42], 1)  # P's answers may land after D finished: one more step
     d = stats(cluster.d_stats)
-    ok = d["first_token_mismatch"] == 0 and d["fallback"] == 0 and d["first_token_checked"] > 0
-    recorder.check("d_stats_first_token_and_fallback", ok,
+    flips = [(where(b)["p_first_token"], tokens(b)[0], top2(b, 0)) for b in cluster.remote_runs
+             if where(b).get("p_first_token") not in (None, tokens(b)[0])]
+    near_ties = all(top and f"token_id:{p}" in top and margin(top) < NEAR_TIE for p, _, top in flips)
+    ok = d["first_token_mismatch"] == len(flips) and near_ties and d["fallback"] == 0
+    recorder.check("d_stats_first_token_and_fallback", ok, p_vs_d_first_token_flips=flips,
                    **{k: d[k] for k in ("first_token_checked", "first_token_mismatch", "fallback")})
     assert d["first_token_checked"] >= len(PUSHED)
-    assert d["first_token_mismatch"] == 0
+    assert d["first_token_mismatch"] == len(flips) and near_ties, flips
     assert d["fallback"] == 0
 
 
@@ -207,9 +234,12 @@ def test_p_killed_mid_push_d_falls_back(cluster, recorder):
     pool.shutdown()
     bg_info = check_background(bg, over)
     places = [where(b)["prefill"] for b in bodies.values()]
-    equal = all(tokens(bodies[i]) == tokens(local[i][0]) for i in prompts)
-    recorder.check("p_killed_mid_push", equal and "fallback" in places, waiting_at_kill=in_flight,
-                   places=places, **bg_info)
+    # The fallbacks are recomputed together, in chunks of D's token budget: not one local
+    # prefill each, so equal up to a near-tie (see the module docstring).
+    diffs = [first_difference(tokens(bodies[i]), tokens(local[i][0])) for i in prompts]
+    alike = all(same_up_to_near_tie(bodies[i], local[i][0]) for i in prompts)
+    recorder.check("p_killed_mid_push", alike and "fallback" in places, waiting_at_kill=in_flight,
+                   places=places, first_diffs=diffs, **bg_info)
     assert in_flight > 0, "no request was waiting for KV when P died: the check tested nothing"
     assert "fallback" in places
-    assert equal
+    assert alike, diffs
