@@ -148,9 +148,10 @@ def test_every_request_leaves_no_state_behind():
 
 
 def through_vllm(t: Transfers) -> Transfers:
-    """The worker's report as vLLM 0.32's scheduler gets it back: failures per request, no
-    failed blocks (this fake gives every request the same D blocks, which vLLM never does)."""
-    return Transfers(t.sent, t.received, t.failed)
+    """The worker's report as vLLM 0.32's scheduler gets it back: failures per request, the
+    notifications, no failed blocks (this fake gives every request the same D blocks, which
+    vLLM never does)."""
+    return Transfers(t.sent, t.received, t.failed, t.notified)
 
 
 def kinds_count(kinds: dict, *wanted: str) -> int:

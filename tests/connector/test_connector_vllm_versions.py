@@ -74,7 +74,7 @@ def connector(base, transfers: Transfers):
 
 
 def test_026_reports_through_get_finished_and_failed_blocks_once():
-    c = connector(Base026, Transfers({"p"}, {"a", "b"}, {"b"}, {5, 6}))
+    c = connector(Base026, Transfers({"p"}, {"a", "b"}, {"b"}, failed_blocks={5, 6}))
     assert not hasattr(c, "get_transfer_results")
     # The order 0.26's model runner calls them in (kv_connector_model_runner_mixin.py).
     assert c.get_finished(set()) == ({"p"}, {"a", "b"})
@@ -96,7 +96,7 @@ def test_032_reports_failures_per_request():
     base = pytest.importorskip("vllm.distributed.kv_transfer.kv_connector.v1.base")
     if not hasattr(base, "KVConnectorTransferResults"):
         pytest.skip("the installed vLLM is older than 0.32")
-    c = connector(base, Transfers({"p"}, {"a", "b"}, {"b"}, {5, 6}))
+    c = connector(base, Transfers({"p"}, {"a", "b"}, {"b"}, failed_blocks={5, 6}))
     got = c.get_transfer_results(set())
     assert (got.finished_sending, got.finished_recving, got.failed_recving) == ({"p"}, {"a", "b"}, {"b"})
     assert c.get_block_ids_with_load_errors() == set()  # 0.32: the request-level channel only
