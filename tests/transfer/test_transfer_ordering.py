@@ -1,4 +1,4 @@
-"""ARCHITECTURE section 3 ordering logic with CUDA absent: fake events whose completion a slow
+"""The memory-ordering rules (docs/architecture.md, "Memory ordering") with CUDA absent: fake events whose completion a slow
 "kernel" thread controls, and a fake cuda-python runtime for the receiver's flush rule."""
 
 import threading
