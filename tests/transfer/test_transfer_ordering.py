@@ -1,5 +1,6 @@
-"""The memory-ordering rules (docs/architecture.md, "Memory ordering") with CUDA absent: fake events whose completion a slow
-"kernel" thread controls, and a fake cuda-python runtime for the receiver's flush rule."""
+"""The memory-ordering rules (docs/architecture.md, "Memory ordering") with CUDA absent: fake
+events whose completion a slow "kernel" thread controls, and a fake cuda-python runtime for the
+receiver's flush rule."""
 
 import threading
 import time
