@@ -37,23 +37,38 @@ def _vllm() -> SimpleNamespace:
         def __init__(self, step: Any) -> None:
             self.step = step
 
+    class WorkerMeta(base.KVConnectorWorkerMetadata):
+        """Worker → scheduler, once per step: {req_id: (arrival, P's offsets)} of KV arrivals.
+        Ranks are merged keeping the latest arrival (the KV is in once every rank has it)."""
+
+        def __init__(self, arrivals: dict[str, Any]) -> None:
+            self.arrivals = arrivals
+
+        def aggregate(self, other: Any) -> Any:
+            merged = dict(self.arrivals)
+            for req_id, arrival in other.arrivals.items():
+                if req_id not in merged or arrival[0] > merged[req_id][0]:
+                    merged[req_id] = arrival
+            return WorkerMeta(merged)
+
     # Pickled between the scheduler and worker processes: found again as pdpush.vllm_api.StepMeta
     # (module __getattr__ below), the same class object in every process.
-    StepMeta.__qualname__ = "StepMeta"
-    StepMeta.__module__ = __name__
+    for cls in (StepMeta, WorkerMeta):
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
 
     version = tuple(int(x) for x in vllm.__version__.split(".")[:2])
     if version not in SUPPORTED:
         raise ImportError(f"pdpush: vLLM {vllm.__version__} is not supported (written for "
                           f"{', '.join('%d.%d' % v for v in SUPPORTED)}); see pdpush/vllm_api.py")
-    return SimpleNamespace(base=base, StepMeta=StepMeta)
+    return SimpleNamespace(base=base, StepMeta=StepMeta, WorkerMeta=WorkerMeta)
 
 
 def __getattr__(name: str) -> Any:
     if name == "ConnectorBase":
         return _vllm().base.KVConnectorBase_V1
-    if name == "StepMeta":
-        return _vllm().StepMeta
+    if name in ("StepMeta", "WorkerMeta"):
+        return getattr(_vllm(), name)
     raise AttributeError(name)
 
 
@@ -164,6 +179,8 @@ class Transfers:
     sent: set[str] = field(default_factory=set)  # P: WRITEs done and D notified
     received: set[str] = field(default_factory=set)  # D: KV in (failed ones included)
     failed: set[str] = field(default_factory=set)  # D: no usable KV: recompute or fail
+    # D: req_id -> (monotonic time D's worker saw P's notification, P's WRITE offsets in ms)
+    arrivals: dict[str, tuple[float, tuple[float, ...]]] = field(default_factory=dict)
 
 
 def to_transfer_results(transfers: Transfers) -> Any:
@@ -174,9 +191,18 @@ def to_transfer_results(transfers: Transfers) -> Any:
 
 
 def from_connector_output(output: Any) -> Transfers:
-    """vLLM's KVConnectorOutput; `failed_recving` is 0.32's (0.26 reports failed blocks)."""
+    """vLLM's KVConnectorOutput; `failed_recving` is 0.32's (0.26 reports failed blocks).
+    `kv_connector_worker_meta` (the workers' WorkerMeta, merged) is in both 0.26 and 0.32."""
+    meta = getattr(output, "kv_connector_worker_meta", None)
     return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
-                     set(getattr(output, "failed_recving", None) or ()))
+                     set(getattr(output, "failed_recving", None) or ()),
+                     dict(getattr(meta, "arrivals", None) or {}))
+
+
+def worker_meta(arrivals: dict[str, Any]) -> Any:
+    """vLLM's KVConnectorWorkerMetadata around a step's arrivals; None when there are none, so
+    an idle step's output stays empty."""
+    return _vllm().WorkerMeta(arrivals) if arrivals else None
 
 
 # -- /metrics --------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ Life of a remote prefill on D (request R), by vLLM hook:
 4. `build_meta`: if P errs, is unreachable, or the lease runs out (deadline + grace), the workers
    are told to give R up. Blocks are reused only after P confirmed or the lease ended: P posts no
    WRITE past the deadline, so nothing lands in a block D handed to someone else.
-5. `request_finished`: R's placement goes back to the client as `kv_transfer_params.pdpush` and
-   the record is dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or
+5. `request_finished`: R's placement goes back to the client as `kv_transfer_params.pdpush` (with
+   the stage timings of pdpush.connector.timing, also kept for /stats) and the record is
+   dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or
    greedy with P's first token still unknown (AWAITING_P_TOKEN until P's answer is compared).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,12 +29,14 @@ from pdpush.connector.config import PdpushConfig
 from pdpush.connector.decode_request import DecodeRequest, Placement, Status
 from pdpush.connector.metadata import DecodeStepMeta, ParamsError, PushTarget, client_mode
 from pdpush.connector.stats import serve_scheduler_stats
+from pdpush.connector.timing import DecodeTimes
 from pdpush.policy import Policy
 from pdpush.probe import batch_stats_from
 from pdpush.rpc.prefill_client import HealthReport, PrefillClient, PrefillJob, PrefillResult
 from pdpush.vllm_api import BlockAccess, RequestView, Sampling, StepView, Transfers
 
 log = logging.getLogger("vllm.pdpush.decode")  # under vllm: shown in its log
+RECENT_TIMINGS = 128  # finished requests whose stage timings /stats shows
 
 
 @dataclass
@@ -57,6 +61,8 @@ class DecodeScheduler:
     stats_server: Any = None
     _requests: dict[str, DecodeRequest] = field(default_factory=dict)
     _expect: list[str] = field(default_factory=list)  # for the next step's workers
+    _before_first_step: set[str] = field(default_factory=set)  # prefilled, not yet scheduled
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_TIMINGS))
 
     def __post_init__(self) -> None:
         self.policy = Policy.for_urls(self.config.policy_config(), self.config.prefill_urls)
@@ -69,11 +75,12 @@ class DecodeScheduler:
         rec = self._requests.get(req_id)
         if rec is not None and rec.status in (Status.WAITING_FOR_KV, Status.FALLBACK):
             return 0, False
+        decided = rec.times.decided if rec is not None and rec.times else time.monotonic()
         self._collect_rpc(time.time())  # an idle D builds no steps: fresh health before deciding
         try:
             mode, _ = client_mode(request.kv_transfer_params)
         except ParamsError as exc:
-            self._local(req_id, Placement("local", pdpush_error=str(exc)))
+            self._local(req_id, Placement("local", pdpush_error=str(exc)), decided)
             return 0, False
         uncached = request.num_prompt_tokens - num_computed
         if mode == "local":
@@ -84,9 +91,10 @@ class DecodeScheduler:
             decision = self.policy.choose(uncached, time.time(), force_remote=mode == "remote")
             url, reason = decision.url, decision.reason
         if url is None:
-            self._local(req_id, Placement("local", reason=reason))
+            self._local(req_id, Placement("local", reason=reason), decided)
             return 0, False
-        self._requests[req_id] = DecodeRequest(req_id, Status.CHOSEN, url=url)
+        self._requests[req_id] = DecodeRequest(req_id, Status.CHOSEN, url=url,
+                                               times=DecodeTimes(decided))
         return uncached, True
 
     def update_state_after_alloc(self, request: RequestView, block_ids: list[int],
@@ -127,6 +135,8 @@ class DecodeScheduler:
                 rec.give_up = True
             if rec.give_up:
                 give_up.append(rec.req_id)
+        if step is not None and self._before_first_step:
+            self._note_first_steps(step)
         meta = DecodeStepMeta(expect=self._expect, give_up=give_up)
         if self.config.probe.enabled and step is not None:
             meta.batch_stats = batch_stats_from(step)
@@ -134,10 +144,15 @@ class DecodeScheduler:
         return meta
 
     def update_connector_output(self, transfers: Transfers) -> None:
+        now = time.monotonic()
         for req_id in transfers.received:
             rec = self._requests.get(req_id)
             if rec is None or rec.status is not Status.WAITING_FOR_KV:
                 continue
+            if rec.times is not None:
+                rec.times.kv_seen = now
+                rec.times.kv_notif, rec.times.p_worker = transfers.arrivals.get(req_id, (0.0, ()))
+            self._before_first_step.add(req_id)
             if rec.aborted:
                 self._drop(rec)  # vLLM frees R's blocks now: nothing more to track
             elif req_id in transfers.failed:
@@ -165,6 +180,9 @@ class DecodeScheduler:
             self._drop(rec)
             return False, None
         self.counters.local += rec.placement.prefill == "local"
+        if rec.times is not None:
+            rec.placement.timing = rec.times.to_params()
+            self.recent.append({"prefill": rec.placement.prefill, **rec.placement.timing})
         self._check_first_token(rec, request.output_token_ids)
         if rec.status is not Status.AWAITING_P_TOKEN:
             self._drop(rec)
@@ -183,7 +201,8 @@ class DecodeScheduler:
                          "completed": p.completed, "failed": p.failed}
                  for p in self.policy.peers.values()}
         waiting = sum(r.status is Status.WAITING_FOR_KV for r in self._requests.values())
-        return {**asdict(self.counters), "waiting_for_kv": waiting, "prefills": peers}
+        return {**asdict(self.counters), "waiting_for_kv": waiting, "prefills": peers,
+                "recent": list(self.recent)}
 
     def close(self) -> None:
         self.client.close()
@@ -194,9 +213,21 @@ class DecodeScheduler:
     def _drop(self, rec: DecodeRequest) -> None:
         rec.status = Status.DONE
         del self._requests[rec.req_id]
+        self._before_first_step.discard(rec.req_id)
 
-    def _local(self, req_id: str, placement: Placement) -> None:
-        self._requests[req_id] = DecodeRequest(req_id, Status.LOCAL, placement)
+    def _local(self, req_id: str, placement: Placement, decided: float) -> None:
+        self._requests[req_id] = DecodeRequest(req_id, Status.LOCAL, placement,
+                                               times=DecodeTimes(decided))
+        self._before_first_step.add(req_id)
+
+    def _note_first_steps(self, step: StepView) -> None:
+        """The first step that runs a prefilled (or local) request: D's side of its TTFT."""
+        now = time.monotonic()
+        for req_id in [r for r in self._before_first_step if r in step.scheduled]:
+            self._before_first_step.discard(req_id)
+            rec = self._requests.get(req_id)
+            if rec is not None and rec.times is not None:
+                rec.times.first_step = now
 
     def _collect_rpc(self, now: float) -> None:
         # In the order they happened: an old failed outcome must not undo a newer good check.
@@ -214,6 +245,8 @@ class DecodeScheduler:
         if rec is None or rec.placement is None:
             return
         rec.p_answered = True
+        if rec.times is not None:
+            rec.times.sent, rec.times.answered, rec.times.p_sched = result.sent_at, result.at, result.p_ms
         if rec.status is Status.AWAITING_P_TOKEN:
             self._drop(rec)
             if result.first_token is not None and rec.d_first_token is not None:

@@ -4,6 +4,8 @@ Per step it does no per-request work for requests still waiting for KV: it only 
 agent's notifications. A request is reported received after P's completion notification (sent
 after P saw every WRITE complete) and after the receive fence (flush rule, transfer/ordering.py);
 it is reported failed when P says so or when the scheduler gives it up (lease ended).
+When each notification arrived (and P's WRITE timings it carries) goes back to the scheduler
+with the step's output (`arrivals`, pdpush.connector.timing).
 On the first rank it also runs the step probe (pdpush.probe) around each forward, when
 configured: `bind` opens the step, `wait_for_save` closes it.
 """
@@ -45,6 +47,7 @@ class DecodeWorker:
         self._early: dict[str, tuple[Notif, float]] = {}
         self._done: set[str] = set()
         self._failed: set[str] = set()
+        self._arrivals: dict[str, tuple[float, tuple[float, ...]]] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
@@ -73,7 +76,7 @@ class DecodeWorker:
         for req_id in meta.expect:
             early = self._early.pop(req_id, None)
             if early is not None:
-                self._settle(early[0])
+                self._settle(early[0], early[1])
         for req_id in meta.give_up:
             if req_id in self._expected:
                 self._expected.discard(req_id)
@@ -98,6 +101,11 @@ class DecodeWorker:
         self._done, self._failed = set(), set()
         return Transfers(received=done, failed=failed)
 
+    def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]:
+        """Notifications settled since the last call: (D's monotonic arrival, P's offsets)."""
+        arrivals, self._arrivals = self._arrivals, {}
+        return arrivals
+
     def _poll(self) -> None:
         if self.engine is None:
             return
@@ -108,16 +116,17 @@ class DecodeWorker:
                 if notif is None:
                     continue
                 if notif.d_req_id in self._expected:
-                    self._settle(notif)
+                    self._settle(notif, now)
                 else:
                     self._early[notif.d_req_id] = (notif, now)
         stale = [r for r, (_, t) in self._early.items() if now - t > EARLY_NOTIF_TTL_S]
         for req_id in stale:
             del self._early[req_id]
 
-    def _settle(self, notif: Notif) -> None:
+    def _settle(self, notif: Notif, arrived: float) -> None:
         self._expected.discard(notif.d_req_id)
         self._done.add(notif.d_req_id)
+        self._arrivals[notif.d_req_id] = (arrived, notif.times)
         self.rx_bytes += notif.nbytes
         if notif.ok:
             assert self.fence is not None

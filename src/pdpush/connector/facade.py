@@ -69,6 +69,10 @@ class PdpushConnector(api.ConnectorBase):
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
         return api.to_transfer_results(self.worker.transfer_results(finished_req_ids))
 
+    def build_connector_worker_meta(self) -> Any:
+        """The step's KV arrival times, to the scheduler half (TTFT breakdown)."""
+        return api.worker_meta(self.worker.take_arrivals())
+
     def shutdown(self) -> None:
         for half in (getattr(self, "sched", None), getattr(self, "worker", None)):
             if half is not None:

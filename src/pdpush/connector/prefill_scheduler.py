@@ -21,6 +21,7 @@ from pdpush.connector.metadata import (
     ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
 )
 from pdpush.connector.stats import serve_scheduler_stats
+from pdpush.connector.timing import PushTimes
 from pdpush.vllm_api import BlockAccess, RequestView, StepView, Transfers
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
@@ -32,6 +33,7 @@ class Push:
     num_prompt: int
     next_block: int  # first prompt block not yet handed to the workers
     planned_last: bool = False
+    times: PushTimes = field(default_factory=lambda: PushTimes(time.monotonic()))
 
 
 @dataclass
@@ -78,10 +80,12 @@ class PrefillScheduler:
         meta = PrefillStepMeta(stopped=self._stopped,
                                preempted=[r for r in step.preempted if r in self._pushes])
         self._stopped = {}
+        now = time.monotonic()
         for req_id, (computed, num_new) in step.scheduled.items():
             push = self._pushes.get(req_id)
             if push is None or push.planned_last:
                 continue
+            push.times.prefill_start = push.times.prefill_start or now
             task = self.plan(req_id, push, computed + num_new)
             if task is not None:
                 meta.tasks.append(task)
@@ -98,9 +102,12 @@ class PrefillScheduler:
             return None
         push.next_block = max(start, end)
         push.planned_last = last
+        if last:
+            push.times.last_chunk = time.monotonic()
         assert self.block_ids is not None, "bind_blocks() comes before the first step"
         p_ids = list(self.block_ids(req_id)[start:end]) if end > start else []
-        return PushTask(req_id, push.target, p_ids, list(push.target.d_block_ids[start:end]), last)
+        return PushTask(req_id, push.target, p_ids, list(push.target.d_block_ids[start:end]), last,
+                        push.times.admitted)
 
     def request_finished(self, request: RequestView) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
@@ -114,7 +121,8 @@ class PrefillScheduler:
             self._stopped[req_id] = push.target
         self._held.add(req_id)
         self.pushed_requests += 1
-        return True, {"pdpush": {"pushed": push.planned_last}}
+        return True, {"pdpush": {"pushed": push.planned_last,
+                                 "p_ms": push.times.to_params(time.monotonic())}}
 
     def _unseen_push(self, request: RequestView) -> Push | None:
         """A push request aborted before P looked at it: still stop it, so D hears of it."""

@@ -19,6 +19,7 @@ from typing import Any
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.kv_region import LocalKV, RemoteKV
 from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTarget, PushTask
+from pdpush.connector.timing import WriteTimes
 from pdpush.rpc.json_server import get_json
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
 from pdpush.transfer.layout import RunPlan
@@ -39,6 +40,7 @@ class Outgoing:
     complete: bool = False  # the last task's WRITEs are all posted
     stopped: str = ""
     notified: bool = False
+    times: WriteTimes = field(default_factory=lambda: WriteTimes(0.0))
 
 
 @dataclass
@@ -80,7 +82,7 @@ class PrefillWorker:
         for task in meta.tasks:
             out = self._out.get(task.req_id)
             if out is None:
-                out = self._out[task.req_id] = Outgoing(task.target)
+                out = self._out[task.req_id] = Outgoing(task.target, times=WriteTimes(task.admitted))
                 out.peer = self._connect(task.target, out)
             if not out.stopped:
                 self._tasks.append(task)
@@ -166,6 +168,9 @@ class PrefillWorker:
                 del self._out[req_id]
         return Transfers(sent=released)
 
+    def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]:
+        return {}  # P receives no KV
+
     def _settled(self, req_id: str, out: Outgoing) -> bool:
         """Poll; once nothing is in flight and the request is complete or stopped, notify D."""
         pending = []
@@ -174,6 +179,7 @@ class PrefillWorker:
                 if xfer.poll() is TransferState.PROC:
                     pending.append(xfer)
                     continue
+                out.times.last_done = time.monotonic()
                 out.nbytes += xfer.nbytes
             except TransferError as exc:
                 out.stopped = out.stopped or str(exc)
@@ -188,9 +194,11 @@ class PrefillWorker:
         return True
 
     def _notify(self, req_id: str, out: Outgoing) -> None:
-        notif = Notif(out.target.d_req_id, not out.stopped, out.nbytes, out.stopped)
         if out.peer is None or self.engine is None:
             return
+        out.times.notified = time.monotonic()
+        notif = Notif(out.target.d_req_id, not out.stopped, out.nbytes, out.stopped,
+                      out.times.offsets())
         try:
             self.engine.notify(out.peer.agent, notif.encode())
         except TransferError as exc:
@@ -219,6 +227,7 @@ class PrefillWorker:
         if time.time() > job.out.target.deadline:
             return job, None, "deadline passed: no more WRITEs (D may reuse the blocks)"
         assert self.engine is not None and self.kv is not None and job.out.peer is not None
+        job.out.times.posted(time.monotonic())
         try:
             xfer = self.engine.write(job.out.peer.agent, job.runs, local=self.kv.placement,
                                      remote=job.out.peer.placement)

@@ -43,6 +43,8 @@ class PrefillResult:
     # then D may reuse the blocks at once instead of waiting for the lease to end.
     may_have_written: bool = True
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
+    sent_at: float = 0.0  # when the HTTP request left (monotonic), for the TTFT breakdown
+    p_ms: dict[str, float] | None = None  # P's stage offsets (pdpush.connector.timing.PushTimes)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class PrefillClient:
             "kv_transfer_params": job.kv_transfer_params,
             **job.sampling,
         }
+        sent_at = time.monotonic()
         resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=None)
         if resp.status_code != 200:
             # 4xx: P's server rejected the request before its engine saw it.
@@ -160,7 +163,9 @@ class PrefillClient:
             return PrefillResult(job.req_id, job.url, False, error=str(params["pdpush_error"]),
                                  may_have_written=False)
         tokens = choice.get("token_ids") or []
-        return PrefillResult(job.req_id, job.url, True, first_token=tokens[0] if tokens else None)
+        p_ms = (params.get("pdpush") or {}).get("p_ms")
+        return PrefillResult(job.req_id, job.url, True, first_token=tokens[0] if tokens else None,
+                             sent_at=sent_at, p_ms=p_ms if isinstance(p_ms, dict) else None)
 
     async def _health_loop(self) -> None:
         while True:
