@@ -251,16 +251,20 @@ class LocalCluster(_Started):
     def server(self, name: str, kv_config: dict | None, args: list[str],
                prefill_index: int | None = None) -> VllmServer:
         """A server of this cluster's model, placement and limits (prefill_index None: D's)."""
-        common = {"kv_transfer_config": kv_config, "extra_args": args, "log_dir": self.log_dir,
-                  "max_model_len": self.max_model_len}
-        if self.gpus is not None:
-            gpu, share = (self.gpus.for_decode() if prefill_index is None
-                          else self.gpus.for_prefill(prefill_index))
-            return VllmServer(name, self.model, gpu=gpu, gpu_share=share, **common)
-        cores = os.cpu_count() or 2
-        p_cores = list(range(1, cores)) or [0]
-        core = 0 if prefill_index is None else p_cores[prefill_index % len(p_cores)]
-        return VllmServer(name, self.model, cpu_core=core, **common)
+        return placed_server(name, self.model, self.gpus, prefill_index, kv_transfer_config=kv_config,
+                             extra_args=args, log_dir=self.log_dir, max_model_len=self.max_model_len)
+
+
+def placed_server(name: str, model: Path, gpus: GpuPlacement | None, prefill_index: int | None,
+                  **kwargs) -> VllmServer:
+    """A server in a P slot (prefill_index) or D's (None): its GPU and memory share with `gpus`,
+    else its CPU core (D core 0, the Ps the others), as LocalCluster places them."""
+    if gpus is not None:
+        gpu, share = gpus.for_decode() if prefill_index is None else gpus.for_prefill(prefill_index)
+        return VllmServer(name, model, gpu=gpu, gpu_share=share, **kwargs)
+    p_cores = list(range(1, os.cpu_count() or 2)) or [0]
+    core = 0 if prefill_index is None else p_cores[prefill_index % len(p_cores)]
+    return VllmServer(name, model, cpu_core=core, **kwargs)
 
     @property
     def servers(self) -> list[VllmServer]:
