@@ -25,7 +25,9 @@ from pathlib import Path
 
 import httpx
 
-from pdpush.local.cluster import GpuPlacement, ServerError, VllmServer, free_port, placed_server
+from pdpush.local.cluster import (
+    GpuPlacement, ServerError, VllmServer, free_port, kv_cache_settings, placed_server,
+)
 
 PATHS = ("pdpush", "local", "nixl-pull", "nixl-push")
 NIXL_CONNECTORS = {"nixl-pull": "NixlConnector", "nixl-push": "NixlPushConnector"}
@@ -45,13 +47,10 @@ class Setup:
 
     def server(self, name: str, prefill_index: int | None, kv_config: dict | None = None,
                env: dict[str, str] | None = None) -> VllmServer:
-        env, args = dict(env or {}), list(self.engine_args)
+        kv_env, kv_args = kv_cache_settings(self.kv_cache_gib, self.gpus)
+        env, args = {**kv_env, **(env or {})}, [*self.engine_args, *kv_args]
         if prefill_index is not None:
             args += self.prefill_args
-        if self.kv_cache_gib and self.gpus is not None:
-            args += ["--kv-cache-memory-bytes", str(int(self.kv_cache_gib * 2**30))]
-        elif self.kv_cache_gib:
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.kv_cache_gib)))
         if self.parallel:
             env["VLLM_CACHE_ROOT"] = str(Path.home() / ".cache" / "vllm-pdpush-bench" / name)
         return placed_server(name, self.model, self.gpus, prefill_index, kv_transfer_config=kv_config,

@@ -11,15 +11,14 @@ remotely vs locally (its policy falls back to a local prefill when P is busy).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
 PERCENTILES = ("50", "90", "99")
@@ -41,7 +40,7 @@ class Load:
     def num_prompts(self) -> int:
         return max(4, round(self.qps * self.duration_s))
 
-    def args(self, url: str, tokenizer: Path, result: Path) -> list[str]:
+    def args(self, url: str, tokenizer: Path) -> list[str]:
         return [
             "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
             "--model", "pdpush", "--tokenizer", str(tokenizer),
@@ -51,26 +50,20 @@ class Load:
             "--seed", str(self.seed), "--ignore-eos", "--temperature", "0",
             "--percentile-metrics", ",".join(METRICS), "--metric-percentiles", ",".join(PERCENTILES),
             "--goodput", f"ttft:{self.slo_ttft_ms:g}", f"tpot:{self.slo_tpot_ms:g}",
-            "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
             "--disable-tqdm",
         ]
 
 
-def run_point(url: str, tokenizer: Path, load: Load, log: Path, timeout_s: float) -> dict[str, Any]:
+def run_point(url: str, tokenizer: Path, load: Load, bench_log: Path) -> dict[str, Any]:
     """One `vllm bench serve` run; its summary (no per-request arrays), or {"error": ...}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "pdpush.bench.vllm_bench", *load.args(url, tokenizer, result)]
-        with open(log, "ab") as out:
-            out.write(f"\n$ {' '.join(cmd)}\n".encode())
-            out.flush()
-            try:
-                rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
-            except subprocess.TimeoutExpired:
-                return {"error": f"vllm bench serve ran past {timeout_s:.0f} s"}
-        if rc != 0 or not result.exists():
-            return {"error": f"vllm bench serve exited {rc}; see {log}"}
-        return summarize(json.loads(result.read_text()))
+    from pdpush.bench.vllm_bench import serve
+
+    try:
+        raw = serve(load.args(url, tokenizer), bench_log)
+    except Exception as exc:  # noqa: BLE001 - one point failing must not lose the others
+        log.debug("vllm bench serve failed", exc_info=True)
+        return {"error": f"vllm bench serve failed: {type(exc).__name__}: {exc}"[:300]}
+    return summarize(raw)
 
 
 def summarize(raw: dict[str, Any]) -> dict[str, Any]:
@@ -94,14 +87,14 @@ def pdpush_counts(stats_url: str | None) -> dict[str, int]:
     return {k: stats.get(k, 0) for k in ("local", "remote_ok", "fallback")}
 
 
-def sweep(paths: dict, tokenizer: Path, loads: list[Load], log: Path, timeout_s: float) -> list[dict]:
+def sweep(paths: dict, tokenizer: Path, loads: list[Load], bench_log: Path) -> list[dict]:
     """Every load point on every path, in that order (a point's paths measured back to back)."""
     rows = []
     for load in loads:
         for name, path in paths.items():
             before = pdpush_counts(path.stats_url)
             row = {"path": name, "input_len": load.input_len, "output_len": load.output_len,
-                   "qps": load.qps, **run_point(path.url, tokenizer, load, log, timeout_s)}
+                   "qps": load.qps, **run_point(path.url, tokenizer, load, bench_log)}
             after = pdpush_counts(path.stats_url)
             if before and after:
                 row["placed"] = {k: after[k] - before[k] for k in after}

@@ -255,6 +255,16 @@ class LocalCluster(_Started):
                              extra_args=args, log_dir=self.log_dir, max_model_len=self.max_model_len)
 
 
+def kv_cache_settings(gib: float | None, gpus: GpuPlacement | None) -> tuple[dict[str, str], list[str]]:
+    """(env, args) giving a server a KV cache of `gib` GiB: on a GPU --kv-cache-memory-bytes
+    (which also skips vLLM's memory profiling), on the CPU VLLM_CPU_KVCACHE_SPACE (whole GiB)."""
+    if not gib:
+        return {}, []
+    if gpus is not None:
+        return {}, ["--kv-cache-memory-bytes", str(int(gib * 2**30))]
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gib)))}, []
+
+
 def placed_server(name: str, model: Path, gpus: GpuPlacement | None, prefill_index: int | None,
                   **kwargs) -> VllmServer:
     """A server in a P slot (prefill_index) or D's (None): its GPU and memory share with `gpus`,

@@ -24,6 +24,8 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=int, default=PdpushConfig.remote_threshold_tokens, metavar="TOKENS",
                         help="prefill remotely when at least this many prompt tokens miss D's cache (default %(default)s)")
     parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="server logs (default out/logs)")
+    parser.add_argument("--max-model-len", type=positive_int, default=4096, metavar="TOKENS",
+                        help="context limit of every server (default %(default)s)")
     add_placement_args(parser)
 
 
@@ -38,8 +40,6 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-share", type=_share, default=GpuPlacement.share, metavar="F",
                    help="memory share of each engine on a GPU that several engines share "
                         "(--gpu-memory-utilization; default %(default)s)")
-    g.add_argument("--max-model-len", type=positive_int, default=4096, metavar="TOKENS",
-                   help="context limit of every server (default %(default)s)")
 
 
 def placement(args: argparse.Namespace) -> GpuPlacement | None:
