@@ -13,7 +13,7 @@
 #   all           the three, one after the other (~20 minutes)
 # Writes at most 8 files to OUT: env.txt, report.md, <part>.json per part, serving-*.png,
 # latency_vs_context.png, logs.tgz (every server log and each command's output).
-# Knobs (environment): QPS (default 2,5,8), LENGTHS (2000/200), DURATION_S (30), PATHS
+# Knobs (environment): QPS (default 2,5,8), LENGTHS (2000/200), DURATION_S (25), PATHS
 # (pdpush,local,nixl-pull), KV_GIB (6), REPEATS (10), BREAKDOWN (2000,8000), MAX_LEN (8448),
 # MODEL_DIR (/tmp/pdpush-qwen2-7b-shape), INTERFERENCE (its extra flags).
 # Dry run on a CPU: DEVICE=cpu SHAPE=tiny plus small sizes (see docs/architecture.md, "Where TTFT
@@ -83,8 +83,8 @@ for part in ${parts//,/ }; do
         --repeats "${REPEATS:-10}" --device "$device" --gpu-share 0.4 --max-model-len "$maxlen" \
         --model "$model" --engine-args "$engine --max-num-seqs 64" --out "$work/ttft" ;;
     serving)
-      run serving 520 bench serving --paths "${PATHS:-pdpush,local,nixl-pull}" \
-        --qps "${QPS:-2,5,8}" --lengths "${LENGTHS:-2000/200}" --duration-s "${DURATION_S:-30}" \
+      run serving 540 bench serving --paths "${PATHS:-pdpush,local,nixl-pull}" \
+        --qps "${QPS:-2,5,8}" --lengths "${LENGTHS:-2000/200}" --duration-s "${DURATION_S:-25}" \
         --slo-ttft-ms 2000 --slo-tpot-ms 50 --parallel-start --kv-cache-gib "${KV_GIB:-6}" \
         --device "$device" --gpu-share 0.12 --max-model-len "$maxlen" --model "$model" \
         --engine-args "$engine --max-num-seqs 64" --out "$work/serving" ;;

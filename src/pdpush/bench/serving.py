@@ -150,9 +150,15 @@ def _measure(args, running, model, breakdown, qps, lengths, report, console) -> 
     if qps:
         loads = [sweep.Load(i, o, q, args.duration_s, args.slo_ttft_ms, args.slo_tpot_ms, seed=n)
                  for n, (q, (i, o)) in enumerate((q, pair) for pair in lengths for q in qps)]
-        with console.status(f"load sweep: {len(loads)} points × {len(running)} paths…"):
-            report["sweep"] = sweep.sweep(running, model, loads, args.out / "logs" / "vllm-bench.log")
         report["slo"] = {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}
+        report["sweep"] = []
+        with httpx.Client(trust_env=False) as client:
+            for path in running.values():  # first requests (connections, NIXL handshakes) untimed
+                for prompt in make_prompts(2, lengths[0][0], seed=-1):
+                    complete(client, path.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S)
+        with console.status(f"load sweep: {len(loads)} points × {len(running)} paths…"):
+            sweep.sweep(running, model, loads, args.out / "logs" / "vllm-bench.log", report["sweep"],
+                        on_row=lambda: _write(args.out, report))
         report["failed"] = [f"{r['path']}@{r['qps']}" for r in report["sweep"] if "error" in r]
 
 

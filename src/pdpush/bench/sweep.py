@@ -87,9 +87,10 @@ def pdpush_counts(stats_url: str | None) -> dict[str, int]:
     return {k: stats.get(k, 0) for k in ("local", "remote_ok", "fallback")}
 
 
-def sweep(paths: dict, tokenizer: Path, loads: list[Load], bench_log: Path) -> list[dict]:
-    """Every load point on every path, in that order (a point's paths measured back to back)."""
-    rows = []
+def sweep(paths: dict, tokenizer: Path, loads: list[Load], bench_log: Path,
+          rows: list[dict], on_row=lambda: None) -> list[dict]:
+    """Every load point on every path, in that order (a point's paths measured back to back),
+    appended to `rows`; `on_row` after each, so a run cut short keeps what it measured."""
     for load in loads:
         for name, path in paths.items():
             before = pdpush_counts(path.stats_url)
@@ -99,6 +100,7 @@ def sweep(paths: dict, tokenizer: Path, loads: list[Load], bench_log: Path) -> l
             if before and after:
                 row["placed"] = {k: after[k] - before[k] for k in after}
             rows.append(row)
+            on_row()
     return rows
 
 
