@@ -99,7 +99,7 @@ def one(client: httpx.Client, d_url: str, stats_url: str, prompt: list[int], mod
     """One request through D in `mode` (remote | local): its stages and where it was prefilled."""
     sent = time.monotonic()
     done = complete(client, d_url, prompt, max_tokens=2, timeout_s=timeout_s,
-                    extra={"kv_transfer_params": {"pdpush_prefill": mode}})
+                    extra={"kv_transfer_params": {"pdpush_prefill": mode}, "return_token_ids": True})
     first = sent + done.ttft_s
     entry = client.get(stats_url, timeout=10.0).json()["recent"][-1]
     stages = (remote_stages if entry["prefill"] == "remote" else local_stages)(sent, first, entry)

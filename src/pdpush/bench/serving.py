@@ -31,6 +31,8 @@ from pdpush.local.up import add_placement_args, placement
 # A request that takes longer has hung; the path is reported failed.
 REQUEST_TIMEOUT_S = 300.0
 CPU_PREFILL_ARGS = "--max-num-batched-tokens 512"  # P prefills (and pushes) in several chunks
+# Every token counts when it arrives, also one that ends inside a UTF-8 character (empty text).
+TOKEN_IDS = {"return_token_ids": True}
 
 
 def make_prompts(count: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -155,7 +157,8 @@ def _measure(args, running, model, breakdown, qps, lengths, report, console) -> 
         with httpx.Client(trust_env=False) as client:
             for path in running.values():  # first requests (connections, NIXL handshakes) untimed
                 for prompt in make_prompts(2, lengths[0][0], seed=-1):
-                    complete(client, path.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S)
+                    complete(client, path.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S,
+                             extra=TOKEN_IDS)
         with console.status(f"load sweep: {len(loads)} points × {len(running)} paths…"):
             sweep.sweep(running, model, loads, args.out / "logs" / "vllm-bench.log", report["sweep"],
                         on_row=lambda: _write(args.out, report))
@@ -169,7 +172,8 @@ def _ttft_mode(args, running, client, complete, console) -> dict:
     for name, path in running.items():
         with console.status(f"{name}: timing {args.repeats} prompts…"):
             def one(prompt):
-                return complete(client, path.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S).ttft_s
+                return complete(client, path.url, prompt, max_tokens=2, timeout_s=REQUEST_TIMEOUT_S,
+                                extra=TOKEN_IDS).ttft_s
             one(warmup)
             ttfts[name] = [one(p) for p in prompts]
     return {"prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "ttft_s": ttfts,
