@@ -210,6 +210,24 @@ WAITING_REQUESTS = "vllm:num_requests_waiting"
 PROMPT_TOKENS_TOTAL = "vllm:prompt_tokens_total"
 
 
+def metric_sum(text: str, name: str) -> float:
+    """One sample's value summed over its label sets, by scanning only the lines that start with
+    it. D reads P's queue this way at every health check: parse_metrics on vLLM's ~90 kB /metrics
+    holds the GIL of D's scheduler process for ~30 ms (a step's worth), this for ~1 ms.
+    ValueError for a matching line that is not Prometheus text."""
+    total, start = 0.0, 0
+    while (i := text.find(name, start)) >= 0:
+        end = text.find("\n", i)
+        end = len(text) if end < 0 else end
+        start = end
+        if i and text[i - 1] != "\n" or text[i + len(name):i + len(name) + 1] not in ("{", " "):
+            continue  # inside another line, or a longer name
+        line = text[i:end]
+        rest = line[line.rindex("}") + 1:] if line[len(name)] == "{" else line[len(name):]
+        total += float(rest.split()[0])
+    return total
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text of a vLLM server: sample name -> value summed over its label sets."""
     totals: dict[str, float] = {}

@@ -88,3 +88,18 @@ def test_write_times_travel_in_the_notification():
     assert WriteTimes(0.0).offsets() == ()  # no admit time known: nothing to report
     old = b'{"d_req_id":"a","ok":true,"nbytes":1,"reason":""}'  # a P from before timings
     assert Notif.decode(old) == Notif("a", True, 1, "")
+
+
+def test_p_queue_read_from_metrics_by_scan_equals_the_full_parse():
+    from pdpush.vllm_api import WAITING_REQUESTS, metric_sum, parse_metrics
+
+    text = "\n".join([
+        f"# HELP {WAITING_REQUESTS} Requests waiting.", f"# TYPE {WAITING_REQUESTS} gauge",
+        f'{WAITING_REQUESTS}{{engine="0",model_name="a b}}"}} 3.0',  # a brace inside a label value
+        f'{WAITING_REQUESTS}{{engine="1",model_name="pdpush"}} 2.0',
+        "# TYPE vllm:num_requests_waiting_by_reason gauge",
+        'vllm:num_requests_waiting_by_reason{reason="x"} 100.0',  # a longer name: not counted
+        'vllm:other 7.0', "",
+    ])
+    assert metric_sum(text, WAITING_REQUESTS) == parse_metrics(text)[WAITING_REQUESTS] == 5.0
+    assert metric_sum(text, "vllm:other") == 7.0 and metric_sum(text, "vllm:absent") == 0.0

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from pdpush.vllm_api import WAITING_REQUESTS, parse_metrics
+from pdpush.vllm_api import WAITING_REQUESTS, metric_sum
 
 
 @dataclass
@@ -178,9 +178,9 @@ class PrefillClient:
             health = await self._client.get(f"{url}/health", timeout=timeout)
             metrics = await self._client.get(f"{url}/metrics", timeout=timeout)
             ok = health.status_code == 200
-            samples = parse_metrics(metrics.text) if metrics.status_code == 200 else {}
-            self._health.put(HealthReport(url, ok, int(samples.get(WAITING_REQUESTS, 0))))
-        except (httpx.HTTPError, ValueError):  # ValueError: /metrics that is not Prometheus text
+            queue = metric_sum(metrics.text, WAITING_REQUESTS) if metrics.status_code == 200 else 0
+            self._health.put(HealthReport(url, ok, int(queue)))
+        except (httpx.HTTPError, ValueError, IndexError):  # /metrics that is not Prometheus text
             self._health.put(HealthReport(url, False))
 
 
