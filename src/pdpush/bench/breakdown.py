@@ -109,7 +109,7 @@ def one(client: httpx.Client, d_url: str, stats_url: str, prompt: list[int], mod
 def measure(client: httpx.Client, d_url: str, stats_url: str, lengths: list[int], repeats: int,
             make_prompts, timeout_s: float) -> dict[str, Any]:
     """Per prompt length: median stages of `repeats` remote and `repeats` local requests (after one
-    warm-up of each), alternating so that drift hits both alike."""
+    warm-up of each), alternating so that drift hits both alike; `placed` counts where they ran."""
     out: dict[str, Any] = {}
     for length in lengths:
         prompts = make_prompts(2 * repeats + 2, length, seed=length)
@@ -119,8 +119,9 @@ def measure(client: httpx.Client, d_url: str, stats_url: str, lengths: list[int]
             mode = "remote" if i % 2 == 0 else "local"
             stages, where = one(client, d_url, stats_url, prompt, mode, timeout_s)
             if i >= 2:  # the first pair warms both paths up
-                rows[mode].append(stages)
                 placed.append(where)
+                if where == mode:  # a remote prefill that fell back is counted, not timed
+                    rows[mode].append(stages)
         out[str(length)] = {
             "remote": medians(rows["remote"]), "local": medians(rows["local"]),
             "samples": rows, "placed": {w: placed.count(w) for w in set(placed)},

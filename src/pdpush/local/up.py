@@ -98,11 +98,11 @@ def start_cluster(args: argparse.Namespace):
     if not (Path(model) / "config.json").exists():
         raise UsageError(f"{model} is not a model folder (no config.json)")
     gpus = placement(args)
+    # On a GPU vLLM's defaults throughout (its own token budget on P); the CPU keeps the cluster's.
+    gpu_defaults = {} if gpus is None else {"prefill_args": []}
     cluster = LocalCluster(model, num_prefill=args.prefills, log_dir=args.log_dir,
                            decode_opts={"remote_threshold_tokens": args.threshold},
-                           gpus=gpus, max_model_len=args.max_model_len)
-    if gpus is not None:  # CUDA defaults: vLLM picks the chunk size on P
-        cluster.prefill_args = []
+                           gpus=gpus, max_model_len=args.max_model_len, **gpu_defaults)
     started = time.monotonic()
     where = "CPU" if gpus is None else f"GPU (P on {list(gpus.p_gpus)}, D on {gpus.d_gpu})"
     console.print(f"starting {args.prefills} P + 1 D on {where} (vLLM logs in {args.log_dir}/)")
