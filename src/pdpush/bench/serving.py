@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with serving_paths.started(names, setup) as running:
             _measure(args, running, model, breakdown, qps, lengths, report, console)
-    except (ServerError, httpx.HTTPError) as exc:
+    except (ServerError, httpx.HTTPError, RuntimeError) as exc:  # RuntimeError: a tokenless stream
         report["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         _write(args.out, report)
         raise RunError(f"{report['error']} (logs in {setup.log_dir})") from exc
@@ -149,6 +149,7 @@ def _measure(args, running, model, breakdown, qps, lengths, report, console) -> 
             with console.status(f"TTFT breakdown at {breakdown} tokens…"):
                 report["breakdown"] = stages.measure(client, pd.url, pd.stats_url, breakdown,
                                                      args.repeats, make_prompts, REQUEST_TIMEOUT_S)
+            _write(args.out, report)  # kept if the sweep is cut short
     if qps:
         loads = [sweep.Load(i, o, q, args.duration_s, args.slo_ttft_ms, args.slo_tpot_ms, seed=n)
                  for n, (q, (i, o)) in enumerate((q, pair) for pair in lengths for q in qps)]
