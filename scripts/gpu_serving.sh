@@ -31,6 +31,11 @@ while [ $# -gt 0 ]; do
 done
 [ "$parts" = all ] && parts=ttft,serving,interference
 cd "$(dirname "$0")/.."
+# pdpush from this tree; the GPU stack's packages (vLLM 0.26, NIXL) whether or not the caller's
+# PYTHONPATH still has them (`PYTHONPATH=... bash` replaces what env.sh exported).
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+# shellcheck disable=SC1091
+[ -f /tmp/stack/env.sh ] && source /tmp/stack/env.sh
 mkdir -p "$out"
 work=$(mktemp -d /tmp/pdpush-gpu-serving.XXXX)
 export PYTHONUNBUFFERED=1
