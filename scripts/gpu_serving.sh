@@ -30,6 +30,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ "$parts" = all ] && parts=ttft,serving,interference
+out=$(realpath -m "$out")
 cd "$(dirname "$0")/.."
 # pdpush from this tree; the GPU stack's packages (vLLM 0.26, NIXL) whether or not the caller's
 # PYTHONPATH still has them (`PYTHONPATH=... bash` replaces what env.sh exported).
