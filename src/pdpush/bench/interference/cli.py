@@ -217,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         qps = check_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if not (args.d_url or args.reanalyse):
+        placement(args)  # a GPU that is not there is a usage error, before anything starts
     spec = RoundSpec(args.batch, args.max_tokens, args.load_from, args.prompt_tokens, args.load_output)
     proto = Protocol(args.batch, args.measure_from, args.measure_to)
     if args.reanalyse:
