@@ -103,3 +103,20 @@ def test_p_queue_read_from_metrics_by_scan_equals_the_full_parse():
     ])
     assert metric_sum(text, WAITING_REQUESTS) == parse_metrics(text)[WAITING_REQUESTS] == 5.0
     assert metric_sum(text, "vllm:other") == 7.0 and metric_sum(text, "vllm:absent") == 0.0
+
+
+def test_p_answer_after_d_finished_still_reaches_stats():
+    sched = d_sched()
+    req = request("a", 100)
+    go_remote(sched, req)
+    sched.update_connector_output(Transfers(received={"a"}))
+    sched.build_meta(scheduled("a"))
+    req.output_token_ids = [7]
+    _, params = sched.request_finished(req)  # greedy, P's answer still to come: AWAITING_P_TOKEN
+    assert "sent" not in params["pdpush"]["timing"]["d_ms"]
+    sched.client.results.append(PrefillResult("a", P, True, first_token=7, sent_at=time.monotonic(),
+                                              p_ms={"first_token": 3.0}))
+    sched.build_meta(scheduled())
+    (entry,) = sched.stats()["recent"]
+    assert "sent" in entry["d_ms"] and entry["p_ms"] == {"first_token": 3.0}
+    assert sched.counters.first_token_checked == 1 and not sched._requests

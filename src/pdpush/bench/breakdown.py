@@ -101,7 +101,12 @@ def one(client: httpx.Client, d_url: str, stats_url: str, prompt: list[int], mod
     done = complete(client, d_url, prompt, max_tokens=2, timeout_s=timeout_s,
                     extra={"kv_transfer_params": {"pdpush_prefill": mode}, "return_token_ids": True})
     first = sent + done.ttft_s
-    entry = client.get(stats_url, timeout=10.0).json()["recent"][-1]
+    deadline = time.monotonic() + 2.0
+    while True:  # P's answer (its stages, D's `sent`) may come just after D's last token
+        entry = client.get(stats_url, timeout=10.0).json()["recent"][-1]
+        if entry["prefill"] != "remote" or "sent" in entry["d_ms"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     stages = (remote_stages if entry["prefill"] == "remote" else local_stages)(sent, first, entry)
     return stages, entry["prefill"]
 

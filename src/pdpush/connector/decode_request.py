@@ -60,3 +60,4 @@ class DecodeRequest:
     p_answered: bool = False  # P's do_prefill outcome arrived
     d_first_token: int | None = None
     times: DecodeTimes | None = None
+    recent: dict[str, Any] | None = None  # its entry in /stats `recent`, once finished

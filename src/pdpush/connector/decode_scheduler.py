@@ -182,7 +182,8 @@ class DecodeScheduler:
         self.counters.local += rec.placement.prefill == "local"
         if rec.times is not None:
             rec.placement.timing = rec.times.to_params()
-            self.recent.append({"prefill": rec.placement.prefill, **rec.placement.timing})
+            rec.recent = {"prefill": rec.placement.prefill, **rec.placement.timing}
+            self.recent.append(rec.recent)
         self._check_first_token(rec, request.output_token_ids)
         if rec.status is not Status.AWAITING_P_TOKEN:
             self._drop(rec)
@@ -247,6 +248,8 @@ class DecodeScheduler:
         rec.p_answered = True
         if rec.times is not None:
             rec.times.sent, rec.times.answered, rec.times.p_sched = result.sent_at, result.at, result.p_ms
+            if rec.recent is not None:  # P answered after D finished: /stats still gets it
+                rec.recent.update(rec.times.to_params())
         if rec.status is Status.AWAITING_P_TOKEN:
             self._drop(rec)
             if result.first_token is not None and rec.d_first_token is not None:
