@@ -104,5 +104,6 @@ for part in ${parts//,/ }; do
   esac
 done
 tar czf "$out/logs.tgz" -C "$work" --exclude='*.png' --exclude='report.*' . 2>/dev/null
+rm -rf "$work"
 ls -la "$out"
 exit "$rc"
