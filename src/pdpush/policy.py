@@ -1,9 +1,18 @@
 """Where a prefill runs: on D, or on which P. Pure logic, no vLLM, no I/O, no clock of its own.
 
-D's scheduler asks `choose()` once per request; the rpc layer reports what happened
-(`started`, `finished`, `health_checked`) so that health comes both from periodic checks and from
-the outcome of every do_prefill. A P is skipped while it is marked down; it becomes a candidate
-again after `retry_after_s`, when the next health check may confirm it.
+D's scheduler asks `choose()` once per request (vLLM may ask again: `choose` changes nothing);
+the rpc layer reports what happened (`started`, `finished`, `cancelled`, `health_checked`), each
+with the time the outcome was known, so an old outcome applied late does not undo a newer one.
+
+Each P has a circuit breaker:
+- closed: a candidate. `breaker_failures` consecutive failures (failed do_prefills or failed
+  health checks) open it.
+- open: not a candidate until `retry_after_s` after the failure that opened it.
+- half-open (open, retry time passed): a candidate for exactly one trial request at a time.
+  The trial's success closes the breaker, its failure opens it again for `retry_after_s`.
+A good health check only refreshes the P's queue length: it neither closes an open breaker nor
+resets the failure count, so a P that answers /health but keeps failing prefills stays out.
+A do_prefill that D cancelled (the client went away) says nothing about P: it only frees its slot.
 """
 
 from __future__ import annotations
@@ -19,21 +28,31 @@ class PolicyConfig:
     max_inflight_per_prefill: int
     max_prefill_queue: int
     retry_after_s: float
+    breaker_failures: int = 3
 
 
 @dataclass
 class PrefillPeer:
-    """What D knows about one P: its load as D sees it and whether it is believed healthy."""
+    """What D knows about one P: its load as D sees it and its circuit breaker."""
 
     url: str
     inflight: int = 0  # do_prefill calls from this D not yet answered
     queue: int = 0  # P's own waiting requests, from its last health check
-    down_until: float = 0.0  # not a candidate before this time
+    failures: int = 0  # consecutive failures (do_prefill or health)
+    open_until: float | None = None  # breaker open (None: closed); half-open from this time
+    trial: bool = False  # the half-open breaker's one trial request is in flight
     completed: int = 0
     failed: int = 0
 
+    @property
+    def state(self) -> str:
+        return "closed" if self.open_until is None else "half_open" if self.trial else "open"
+
     def available(self, now: float) -> bool:
-        return now >= self.down_until
+        """A candidate now: closed, or half-open with its trial slot free."""
+        if self.open_until is None:
+            return True
+        return now >= self.open_until and not self.trial
 
     @property
     def load(self) -> int:
@@ -77,26 +96,45 @@ class Policy:
         return Decision(best.url, "remote")
 
     def started(self, url: str) -> None:
-        self.peers[url].inflight += 1
+        """A do_prefill was sent; to a P whose breaker is not closed, it is the trial."""
+        peer = self.peers[url]
+        peer.inflight += 1
+        if peer.open_until is not None:
+            peer.trial = True
 
-    def finished(self, url: str, ok: bool, now: float) -> None:
-        """Outcome of one do_prefill: a failure marks the P down for retry_after_s."""
+    def finished(self, url: str, ok: bool, at: float) -> None:
+        """Outcome of one do_prefill, known at `at`."""
         peer = self.peers[url]
         peer.inflight = max(0, peer.inflight - 1)
         if ok:
             peer.completed += 1
+            peer.failures, peer.open_until, peer.trial = 0, None, False
         else:
             peer.failed += 1
-            self._mark_down(peer, now)
+            self._failure(peer, at)
 
-    def health_checked(self, url: str, ok: bool, queue: int, now: float) -> None:
-        """Periodic check: a failed check marks the P down; a good one brings it back."""
+    def cancelled(self, url: str) -> None:
+        """D abandoned the call (client abort): no verdict on P; a trial slot is freed."""
+        peer = self.peers[url]
+        peer.inflight = max(0, peer.inflight - 1)
+        peer.trial = False
+
+    def failed(self, url: str, at: float) -> None:
+        """A fault of P found outside a do_prefill's outcome (its first token was wrong)."""
+        self._failure(self.peers[url], at)
+
+    def health_checked(self, url: str, ok: bool, queue: int, at: float) -> None:
+        """Periodic check: a failure counts like a failed do_prefill; a success refreshes the
+        queue length only (only a request that succeeds closes the breaker)."""
         peer = self.peers[url]
         if ok:
             peer.queue = queue
-            peer.down_until = 0.0
         else:
-            self._mark_down(peer, now)
+            self._failure(peer, at)
 
-    def _mark_down(self, peer: PrefillPeer, now: float) -> None:
-        peer.down_until = now + self.config.retry_after_s
+    def _failure(self, peer: PrefillPeer, at: float) -> None:
+        peer.failures += 1
+        if peer.trial or peer.failures >= self.config.breaker_failures:
+            peer.trial = False
+            reopen = at + self.config.retry_after_s
+            peer.open_until = max(peer.open_until or 0.0, reopen)

@@ -38,18 +38,24 @@ def _vllm() -> SimpleNamespace:
             self.step = step
 
     class WorkerMeta(base.KVConnectorWorkerMetadata):
-        """Worker → scheduler, once per step: {req_id: (arrival, P's offsets)} of KV arrivals.
-        Ranks are merged keeping the latest arrival (the KV is in once every rank has it)."""
+        """Worker → scheduler, once per step. `notified`: D requests whose P notification
+        arrived, with how many ranks saw it (summed over ranks: what releases blocks held at the
+        lease's end, connector/quarantine.py). `arrivals`: {req_id: (arrival, P's offsets)} of KV
+        arrivals, ranks merged keeping the latest (the KV is in once every rank has it)."""
 
-        def __init__(self, arrivals: dict[str, Any]) -> None:
+        def __init__(self, notified: dict[str, int], arrivals: dict[str, Any]) -> None:
+            self.notified = notified
             self.arrivals = arrivals
 
         def aggregate(self, other: Any) -> Any:
-            merged = dict(self.arrivals)
+            notified = dict(self.notified)
+            for req_id, n in other.notified.items():
+                notified[req_id] = notified.get(req_id, 0) + n
+            arrivals = dict(self.arrivals)
             for req_id, arrival in other.arrivals.items():
-                if req_id not in merged or arrival[0] > merged[req_id][0]:
-                    merged[req_id] = arrival
-            return WorkerMeta(merged)
+                if req_id not in arrivals or arrival[0] > arrivals[req_id][0]:
+                    arrivals[req_id] = arrival
+            return WorkerMeta(notified, arrivals)
 
     # Pickled between the scheduler and worker processes: found again as pdpush.vllm_api.StepMeta
     # (module __getattr__ below), the same class object in every process.
@@ -83,13 +89,15 @@ class EngineSetup:
     block_size: int
     num_blocks: int
     extra: dict[str, Any]  # kv_connector_extra_config
+    ranks: int = 1  # tensor-parallel workers: each reports P's notifications on its own
 
 
 def engine_setup(vllm_config: Any, role: Any, kv_cache_config: Any) -> EngineSetup:
     kv = vllm_config.kv_transfer_config
     return EngineSetup(kv.kv_role, role == _vllm().base.KVConnectorRole.SCHEDULER,
                        str(kv.engine_id), vllm_config.cache_config.block_size,
-                       kv_cache_config.num_blocks, dict(kv.kv_connector_extra_config or {}))
+                       kv_cache_config.num_blocks, dict(kv.kv_connector_extra_config or {}),
+                       vllm_config.parallel_config.tensor_parallel_size)
 
 
 def tensor_parallel_rank() -> int:
@@ -107,6 +115,18 @@ class Sampling:
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    # No option that reshapes the logits (penalties, logit bias, min_tokens, bad words, allowed
+    # tokens, structured output, watermarking, extra_args for logits processors): P's greedy
+    # token is then defined to equal D's. P is sent only the fields above.
+    plain: bool = True
+
+
+def _plain(sp: Any) -> bool:
+    """vLLM 0.32 SamplingParams: no logits-shaping option set (see Sampling.plain)."""
+    return (sp.presence_penalty == 0 and sp.frequency_penalty == 0 and sp.repetition_penalty == 1
+            and not sp.min_tokens and not sp.logit_bias and not sp.allowed_token_ids
+            and not sp.bad_words and sp.structured_outputs is None
+            and not getattr(sp, "watermarking", None) and not sp.extra_args)
 
 
 @dataclass
@@ -120,14 +140,23 @@ class RequestView:
     kv_transfer_params: dict[str, Any] | None
     output_token_ids: Sequence[int] = ()
     sampling: Sampling | None = None
+    cache_salt: str | None = None
+    # Inputs that the prompt's token ids do not carry, so P (sent token ids only) cannot
+    # reproduce the KV: "lora", "multimodal", "prompt_embeds"; empty for a plain text prompt.
+    beyond_tokens: tuple[str, ...] = ()
 
 
 def request_view(request: Any) -> RequestView:
     sp = request.sampling_params
-    sampling = None if sp is None else Sampling(sp.temperature, sp.top_p, sp.top_k, sp.seed)
+    sampling = None if sp is None else Sampling(sp.temperature, sp.top_p, sp.top_k, sp.seed,
+                                                _plain(sp))
+    beyond = tuple(name for name, present in (
+        ("lora", request.lora_request is not None),
+        ("multimodal", bool(request.mm_features)),
+        ("prompt_embeds", request.prompt_embeds is not None)) if present)
     return RequestView(request.request_id, request.num_prompt_tokens, request.num_tokens,
                        request.prompt_token_ids, request.kv_transfer_params,
-                       request.output_token_ids, sampling)
+                       request.output_token_ids, sampling, request.cache_salt, beyond)
 
 
 def first_group_block_ids(blocks: Any) -> list[int]:
@@ -149,6 +178,26 @@ class BlockAccess:
 
     def total_blocks(self) -> int:
         return self.manager.block_pool.num_gpu_blocks
+
+    def hold(self, block_ids: Sequence[int]) -> None:
+        """Take one more reference on each block: vLLM freeing the request's blocks then leaves
+        them out of the free pool until `release` (the lease's quarantine)."""
+        pool = self.manager.block_pool
+        pool.touch([pool.blocks[i] for i in block_ids])
+
+    def release(self, block_ids: Sequence[int]) -> None:
+        pool = self.manager.block_pool
+        pool.free_blocks([pool.blocks[i] for i in block_ids])
+
+    def evict(self, block_ids: Sequence[int]) -> None:
+        """Take these blocks out of the prefix cache (their hashes), not out of their requests.
+
+        vLLM 0.32: KVCacheManager.evict_blocks (what vLLM does itself for blocks that failed to
+        load); a block without a hash is left alone, a block still in use keeps its data but no
+        later request can match it. vLLM 0.26 has the same call on the block pool only
+        (BlockPool.evict_blocks, reached through bind_gpu_block_pool).
+        """
+        self.manager.evict_blocks(set(block_ids))
 
 
 # -- steps -----------------------------------------------------------------------------------
@@ -179,6 +228,9 @@ class Transfers:
     sent: set[str] = field(default_factory=set)  # P: WRITEs done and D notified
     received: set[str] = field(default_factory=set)  # D: KV in (failed ones included)
     failed: set[str] = field(default_factory=set)  # D: no usable KV: recompute or fail
+    # D: requests whose P notification arrived (in time or after the give-up), per rank count:
+    # what releases blocks held at the lease's end (connector/quarantine.py)
+    notified: dict[str, int] = field(default_factory=dict)
     # D: req_id -> (monotonic time D's worker saw P's notification, P's WRITE offsets in ms)
     arrivals: dict[str, tuple[float, tuple[float, ...]]] = field(default_factory=dict)
 
@@ -196,13 +248,14 @@ def from_connector_output(output: Any) -> Transfers:
     meta = getattr(output, "kv_connector_worker_meta", None)
     return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
                      set(getattr(output, "failed_recving", None) or ()),
+                     dict(getattr(meta, "notified", None) or {}),
                      dict(getattr(meta, "arrivals", None) or {}))
 
 
-def worker_meta(arrivals: dict[str, Any]) -> Any:
-    """vLLM's KVConnectorWorkerMetadata around a step's arrivals; None when there are none, so
-    an idle step's output stays empty."""
-    return _vllm().WorkerMeta(arrivals) if arrivals else None
+def worker_meta(notified: dict[str, int], arrivals: dict[str, Any]) -> Any:
+    """vLLM's KVConnectorWorkerMetadata carrying `Transfers.notified` and the step's arrivals;
+    None when both are empty, so an idle step's output stays empty."""
+    return _vllm().WorkerMeta(notified, arrivals) if notified or arrivals else None
 
 
 # -- /metrics --------------------------------------------------------------------------------

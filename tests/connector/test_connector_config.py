@@ -74,3 +74,30 @@ def test_prefill_urls_belong_to_d_only():
     """vLLM tells requires_piecewise_for_cudagraph only the extra config: prefill_urls mark D."""
     with pytest.raises(ConfigError, match="prefill_urls is D's setting"):
         PdpushConfig.from_extra_config({"prefill_urls": ["http://p"]}, "kv_producer")
+
+
+@pytest.mark.parametrize("extra", [{"debug_skip_layer_event": True}, {"debug_delay_layer_us": 500}])
+def test_debug_settings_are_refused_unless_a_test_asks(extra, monkeypatch):
+    """A served config must not be able to switch off the ordering rule by a typo'd copy-paste."""
+    monkeypatch.delenv("PDPUSH_TEST_MODE", raising=False)
+    with pytest.raises(ConfigError, match=f"{next(iter(extra))}: test-only setting") as err:
+        prefill_kv_config(**extra)
+    assert "PDPUSH_TEST_MODE=1" in str(err.value)
+    monkeypatch.setenv("PDPUSH_TEST_MODE", "0")
+    with pytest.raises(ConfigError, match="test-only"):
+        PdpushConfig.from_extra_config(extra, "kv_producer")
+    monkeypatch.setenv("PDPUSH_TEST_MODE", "1")
+    parsed = PdpushConfig.from_extra_config(extra, "kv_producer")
+    assert all(getattr(parsed, key) == value for key, value in extra.items())
+
+
+def test_debug_settings_off_need_no_test_mode_and_are_typed(monkeypatch):
+    monkeypatch.delenv("PDPUSH_TEST_MODE", raising=False)
+    parsed = PdpushConfig.from_extra_config({"debug_skip_layer_event": False,
+                                             "debug_delay_layer_us": 0}, "kv_producer")
+    assert not parsed.debug_skip_layer_event and parsed.debug_delay_layer_us == 0
+    with pytest.raises(ConfigError, match="debug_skip_layer_event must be true or false"):
+        PdpushConfig.from_extra_config({"debug_skip_layer_event": 1}, "kv_producer")
+    monkeypatch.setenv("PDPUSH_TEST_MODE", "1")
+    with pytest.raises(ConfigError, match="debug_delay_layer_us must be >= 0"):
+        PdpushConfig.from_extra_config({"debug_delay_layer_us": -5}, "kv_producer")

@@ -1,4 +1,4 @@
-"""D's scheduler half: decisions, do_prefill, leases and fallbacks (no vLLM, no network).
+"""D's scheduler half: decisions, do_prefill, leases and fallbacks (no engine, no network).
 
 Requests are stand-ins with the fields the scheduler reads; the rpc client is a recorder whose
 results the test injects, so every failure path runs in milliseconds.
@@ -7,24 +7,16 @@ results the test injects, so every failure path runs in milliseconds.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace as NS
 
 import pytest
-from connector_fakes import FakeClient
+from connector_fakes import FakeClient, request
 
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.decode_scheduler import DecodeScheduler
 from pdpush.rpc.prefill_client import PrefillResult
-from pdpush.vllm_api import Transfers, request_view
+from pdpush.vllm_api import Transfers
 
 P = "http://p0"
-
-
-def request(req_id: str, n: int, temperature: float = 0.0, params=None):
-    return request_view(NS(
-        request_id=req_id, num_prompt_tokens=n, num_tokens=n, prompt_token_ids=list(range(n)),
-        kv_transfer_params=params, output_token_ids=[],
-        sampling_params=NS(temperature=temperature, top_p=1.0, top_k=0, seed=None)))
 
 
 def blocks(ids):
@@ -34,7 +26,7 @@ def blocks(ids):
 @pytest.fixture
 def sched():
     cfg = PdpushConfig(prefill_urls=(P,), remote_threshold_tokens=64, prefill_timeout_s=10.0,
-                       lease_grace_s=2.0)
+                       lease_grace_s=2.0, breaker_failures=1)
     return DecodeScheduler(cfg, block_size=16, engine_id="d0", client=FakeClient())
 
 
@@ -98,7 +90,7 @@ def test_p_that_wrote_nothing_is_given_up_at_once_and_recomputed_locally(sched):
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # vLLM's retry is local
     assert sched.request_finished(req)[1]["pdpush"]["prefill"] == "fallback"
     assert sched.counters.fallback == 1
-    assert not sched.policy.peers[P].available(time.time())  # and P is avoided for a while
+    assert not sched.policy.peers[P].available(time.monotonic())  # and P is avoided for a while
 
 
 def test_p_that_may_have_written_keeps_blocks_until_the_lease_ends(sched, monkeypatch):
@@ -107,7 +99,7 @@ def test_p_that_may_have_written_keeps_blocks_until_the_lease_ends(sched, monkey
     sched.client.results.append(PrefillResult("a", P, False, error="timeout"))
     assert sched.build_meta(None).give_up == []
     lease_end = sched._requests["a"].lease_end
-    monkeypatch.setattr(time, "time", lambda: lease_end + 0.1)
+    monkeypatch.setattr(time, "monotonic", lambda: lease_end + 0.1)  # D's own clock
     assert sched.build_meta(None).give_up == ["a"]
 
 
@@ -133,10 +125,11 @@ def test_client_can_force_remote_below_threshold(sched):
     assert sched.get_num_new_matched_tokens(req, 0) == (10, True)
 
 
-def test_health_reports_reach_the_policy_before_deciding(sched):
+def test_health_reports_reach_the_policy_at_the_next_step(sched):
     from pdpush.rpc.prefill_client import HealthReport
 
     sched.client.health.append(HealthReport(P, ok=False))
+    sched.build_meta(None)
     assert sched.get_num_new_matched_tokens(request("a", 100), 0) == (0, False)
     assert sched.stats()["prefills"][P]["healthy"] is False
 
@@ -147,18 +140,21 @@ def test_resumed_request_with_output_is_recomputed_locally(sched):
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
 
 
-def test_outcomes_and_health_checks_apply_in_the_order_they_happened(sched):
-    """A do_prefill failure drained together with a later good health check leaves P usable;
-    the same failure after the check marks it down (the control)."""
+def test_outcomes_apply_at_the_time_they_were_known(sched):
+    """A failure drained late opens P's breaker from its own time: one known long ago (more
+    than retry_after_s) leaves P half-open, i.e. usable for a trial; a recent one does not.
+    A good health check in between does not close the breaker."""
     from pdpush.rpc.prefill_client import HealthReport
 
     go_remote(sched, request("a", 100))
     t = time.monotonic()
-    sched.client.results = [PrefillResult("a", P, False, error="deadline", at=t)]
-    sched.client.health = [HealthReport(P, True, at=t + 1.0)]
+    sched.client.results = [PrefillResult("a", P, False, error="deadline", at=t - 20.0)]
+    sched.build_meta(None)
     assert sched.get_num_new_matched_tokens(request("b", 100), 0) == (100, True)
+    assert sched.stats()["prefills"][P]["breaker_open"] is True  # open, retry time passed
 
-    go_remote(sched, request("c", 100))
-    sched.client.health = [HealthReport(P, True, at=t + 2.0)]
-    sched.client.results = [PrefillResult("c", P, False, error="deadline", at=t + 3.0)]
+    sched.update_state_after_alloc(request("b", 100), blocks(range(7)), 100)  # the trial
+    sched.client.health = [HealthReport(P, True, at=t + 0.5)]
+    sched.client.results = [PrefillResult("b", P, False, error="deadline", at=t)]
+    sched.build_meta(None)
     assert sched.get_num_new_matched_tokens(request("d", 100), 0) == (0, False)

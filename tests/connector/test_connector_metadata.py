@@ -9,7 +9,7 @@ from pdpush.connector.metadata import (
 
 def target(**kw) -> PushTarget:
     base = dict(d_req_id="r1", d_engine_id="e", side_channel="127.0.0.1:5600",
-                d_block_ids=(4, 5, 9), skip_tokens=128, block_size=128, deadline=1e10)
+                d_block_ids=(4, 5, 9), skip_tokens=128, block_size=128, budget_s=30.0)
     return PushTarget(**{**base, **kw})
 
 
@@ -28,7 +28,8 @@ def test_requests_without_push_target_are_plain():
     ({"d_block_ids": [1, -2]}, "must be block ids"),
     ({"skip_tokens": 100}, "multiple of block_size"),
     ({"side_channel": "nohost"}, "must be host:port"),
-    ({"deadline": "soon"}, "deadline has the wrong type"),
+    ({"budget_s": "soon"}, "budget_s has the wrong type"),
+    ({"budget_s": 0}, "budget_s must be > 0"),
     ({"skip_tokens": True}, "skip_tokens has the wrong type"),
 ])
 def test_malformed_push_target_is_rejected_clearly(change, message):
@@ -61,11 +62,16 @@ def test_blocks_for_tokens_rounds_up():
 def test_client_mode_defaults_and_validation():
     assert client_mode(None) == ("auto", None)
     assert client_mode({"pdpush_prefill": "local"}) == ("local", None)
-    assert client_mode({"pdpush_prefill_tokens": [1, 2]}) == ("auto", [1, 2])
+    assert client_mode({"pdpush_prefill_tokens": [1, 2]}, allow_tokens=True) == ("auto", [1, 2])
     with pytest.raises(ParamsError, match="must be one of"):
         client_mode({"pdpush_prefill": "fast"})
     with pytest.raises(ParamsError, match="list of token ids"):
-        client_mode({"pdpush_prefill_tokens": "abc"})
+        client_mode({"pdpush_prefill_tokens": "abc"}, allow_tokens=True)
+
+
+def test_tokens_for_p_are_refused_unless_the_test_seam_is_on():
+    with pytest.raises(ParamsError, match="test-only setting"):
+        client_mode({"pdpush_prefill_tokens": [1, 2]})
 
 
 def test_notif_round_trip_and_foreign_messages():

@@ -188,7 +188,7 @@ def test_a_call_that_fails_at_once_leaves_nothing_in_the_client():
     url = f"http://127.0.0.1:{free_port()}"
     try:
         for i in range(200):
-            client.submit(PrefillJob(f"r{i}", url, [1], {}, {}, time.time() + 5))
+            client.submit(PrefillJob(f"r{i}", url, [1], {}, {}, time.monotonic() + 5))
         results: list = []
         deadline = time.monotonic() + 20
         while len(results) < 200 and time.monotonic() < deadline:

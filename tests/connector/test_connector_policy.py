@@ -28,7 +28,7 @@ def test_long_prompt_goes_to_least_loaded_prefill():
 
 def test_prefill_queue_from_health_check_counts_as_load():
     policy = make()
-    policy.health_checked(A, ok=True, queue=5, now=0)
+    policy.health_checked(A, ok=True, queue=5, at=0)
     assert policy.choose(500, now=0).url == B
 
 
@@ -39,23 +39,66 @@ def test_choose_has_no_side_effects():
     assert all(p.inflight == 0 for p in policy.peers.values())
 
 
-def test_failed_outcome_marks_prefill_down_until_retry():
-    policy = make(retry_after_s=10)
+def test_consecutive_failures_open_the_breaker_until_retry():
+    policy = make(retry_after_s=10, breaker_failures=2)
     policy.started(A)
-    policy.finished(A, ok=False, now=100)
+    policy.finished(A, ok=False, at=100)
     assert policy.peers[A].inflight == 0
-    assert policy.choose(500, now=101).url == B
-    assert sum(p.available(101) for p in policy.peers.values()) == 1
-    assert policy.peers[A].available(now=110)
+    assert policy.peers[A].available(101)  # one failure of two: still a candidate
+    policy.health_checked(A, ok=False, queue=0, at=102)  # a failed check counts too
+    assert policy.choose(500, now=103).url == B
+    assert sum(p.available(103) for p in policy.peers.values()) == 1
+    assert not policy.peers[A].available(now=111.9)
+    assert policy.peers[A].available(now=112)  # half-open: retry_after_s after the last failure
 
 
-def test_good_health_check_brings_prefill_back_early():
-    policy = make(retry_after_s=10)
-    policy.health_checked(A, ok=False, queue=0, now=0)
-    policy.health_checked(B, ok=False, queue=0, now=0)
+def test_a_success_resets_the_count_of_consecutive_failures():
+    policy = make(breaker_failures=2)
+    for t in range(5):
+        policy.finished(A, ok=False, at=t)
+        policy.finished(A, ok=True, at=t + 0.5)
+    assert policy.peers[A].state == "closed" and policy.peers[A].available(6)
+
+
+def test_half_open_breaker_admits_one_trial_and_its_success_closes_it():
+    policy = make(retry_after_s=10, breaker_failures=1)
+    policy.finished(A, ok=False, at=0)
+    policy.health_checked(B, ok=False, queue=0, at=0)
     assert policy.choose(500, now=1).reason == "no_healthy_prefill"
-    policy.health_checked(A, ok=True, queue=0, now=2)
-    assert policy.choose(500, now=2).url == A
+    assert policy.choose(500, now=10).url in (A, B)
+    assert policy.choose(500, now=10).url == policy.choose(500, now=10).url  # choose is pure
+    policy.started(A)  # the trial
+    assert not policy.peers[A].available(11)  # only one trial at a time
+    policy.finished(A, ok=True, at=12)
+    assert policy.peers[A].state == "closed" and policy.peers[A].available(12)
+
+
+def test_failed_trial_reopens_the_breaker():
+    policy = make(retry_after_s=10, breaker_failures=1)
+    policy.finished(A, ok=False, at=0)
+    policy.started(A)
+    policy.finished(A, ok=False, at=11)
+    assert not policy.peers[A].available(20) and policy.peers[A].available(21)
+
+
+def test_good_health_check_does_not_close_an_open_breaker():
+    """A P that answers /health but keeps failing prefills stays out until a trial succeeds."""
+    policy = make(retry_after_s=10, breaker_failures=1)
+    policy.finished(A, ok=False, at=0)
+    policy.health_checked(A, ok=True, queue=0, at=1)
+    assert not policy.peers[A].available(2)
+    assert policy.choose(500, now=2).url == B
+
+
+def test_cancelled_call_is_no_verdict_and_frees_the_trial_slot():
+    policy = make(retry_after_s=10, breaker_failures=1)
+    policy.started(B)
+    policy.cancelled(B)  # a client abort: P did nothing wrong
+    assert policy.peers[B].state == "closed" and policy.peers[B].inflight == 0
+    policy.finished(A, ok=False, at=0)
+    policy.started(A)
+    policy.cancelled(A)
+    assert policy.peers[A].available(10)  # another trial may go
 
 
 def test_full_prefills_mean_local():
@@ -64,13 +107,13 @@ def test_full_prefills_mean_local():
     policy.started(B)
     decision = policy.choose(500, now=0)
     assert (decision.url, decision.reason) == (None, "busy")
-    policy.finished(B, ok=True, now=1)
+    policy.finished(B, ok=True, at=1)
     assert policy.choose(500, now=1).url == B
     assert policy.peers[B].completed == 1
 
 
 def test_busy_queue_excludes_prefill():
     policy = make(max_prefill_queue=3)
-    policy.health_checked(A, ok=True, queue=3, now=0)
-    policy.health_checked(B, ok=True, queue=3, now=0)
+    policy.health_checked(A, ok=True, queue=3, at=0)
+    policy.health_checked(B, ok=True, queue=3, at=0)
     assert policy.choose(500, now=0).reason == "busy"

@@ -3,6 +3,7 @@
 Requests and scheduler outputs are plain stand-ins with the fields the scheduler reads.
 """
 
+import time
 from types import SimpleNamespace as NS
 
 from pdpush.connector.metadata import PushTarget
@@ -12,10 +13,10 @@ from pdpush.vllm_api import RequestView, Transfers, step_view
 BS = 16
 
 
-def request(req_id: str, n: int, skip: int = 0, deadline: float = 1e10, d_blocks=None):
+def request(req_id: str, n: int, skip: int = 0, budget_s: float = 30.0, d_blocks=None):
     nblocks = -(-n // BS)
     t = PushTarget(req_id.upper(), "e", "h:1", tuple(d_blocks or range(100, 100 + nblocks)),
-                   skip, BS, deadline)
+                   skip, BS, budget_s)
     return RequestView(req_id, n, n, [], t.to_params())
 
 
@@ -69,11 +70,20 @@ def test_bad_target_is_rejected_and_reported_in_the_response():
     assert not hold and "2 D blocks for a 100-token prompt" in params["pdpush_error"]
 
 
-def test_expired_deadline_is_rejected():
-    sched = scheduler()
-    req = request("a", 32, deadline=1.0)
+def test_budget_within_the_stop_margin_is_rejected():
+    sched = scheduler()  # push_stop_margin_s defaults to 2 s
+    req = request("a", 32, budget_s=1.0)
     sched.get_num_new_matched_tokens(req, 0)
-    assert "deadline passed" in sched.request_finished(req)[1]["pdpush_error"]
+    assert "push_stop_margin_s" in sched.request_finished(req)[1]["pdpush_error"]
+
+
+def test_budget_becomes_p_monotonic_deadline_less_the_margin():
+    """The duration D sent is read on P's clock at arrival; the margin comes off it."""
+    sched = scheduler()
+    before = time.monotonic()
+    sched.get_num_new_matched_tokens(request("a", 32, budget_s=30.0), 0)
+    (task,) = sched.build_meta(step(new=[("a", 0, 32)])).tasks
+    assert before + 28.0 <= task.post_until <= time.monotonic() + 28.0
 
 
 def test_finished_request_holds_blocks_until_sent():
@@ -122,3 +132,23 @@ def test_preempted_push_is_flagged_and_resumes_where_it_left_off():
     # Recomputed from scratch later: only blocks not pushed yet are planned again.
     tasks = sched.build_meta(step(new=[("a", 0, 48)])).tasks
     assert [(t.d_block_ids, t.last) for t in tasks] == [([101, 102], True)]
+
+
+def test_release_question_answers_busy_then_released_and_refuses_a_late_push():
+    """D asks whether it may release what it holds for D request A (rpc/release.py)."""
+    from pdpush.rpc.release import RELEASED_KEY, release_body
+
+    def ask(sched, req_id: str) -> bool:
+        q = RequestView(req_id, 1, 1, [0], release_body("A")["kv_transfer_params"])
+        sched.get_num_new_matched_tokens(q, 0)
+        return sched.request_finished(q)[1][RELEASED_KEY]
+
+    sched = scheduler()
+    sched.get_num_new_matched_tokens(request("a", 32), 0)  # P tracks a push of D's request A
+    assert ask(sched, "q1") is False
+    sched.update_connector_output(Transfers(sent={"a"}))  # pushed, notified, released
+    assert ask(sched, "q2") is True
+    late = request("a2", 32)
+    late.kv_transfer_params["pdpush"]["d_req_id"] = "A"  # the same do_prefill arriving late
+    sched.get_num_new_matched_tokens(late, 0)
+    assert "released" in sched.request_finished(late)[1]["pdpush_error"]

@@ -7,6 +7,7 @@ blocks, nothing elsewhere, and a completion (or failure) notification.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -46,9 +47,8 @@ def pair():
     d.close()
 
 
-def target(port: int, req: str, d_blocks, deadline: float | None = None) -> PushTarget:
-    return PushTarget(req, "d-engine", f"127.0.0.1:{port}", tuple(d_blocks), 0, BS,
-                      deadline or time.time() + 30)
+def target(port: int, req: str, d_blocks) -> PushTarget:
+    return PushTarget(req, "d-engine", f"127.0.0.1:{port}", tuple(d_blocks), 0, BS, 30.0)
 
 
 def run_step(p: PrefillWorker, p_kv: dict, meta: PrefillStepMeta) -> None:
@@ -90,8 +90,9 @@ def test_chunked_push_lands_exactly_in_d_blocks(pair):
 
 def test_no_write_after_the_deadline_and_d_hears_it(pair):
     d, p, d_kv, p_kv, port = pair
-    t = target(port, "r2", [10], deadline=time.time() - 1)
-    run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p2", t, [3], [10], last=True)]))
+    t = target(port, "r2", [10])
+    spent = time.monotonic() - 1  # P's own clock says the budget is spent
+    run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p2", t, [3], [10], last=True, post_until=spent)]))
     _, failed = settle(d, p, "r2", "p2")
     assert failed == {"r2"}
     assert not any(d_kv[name][10].any() for name in LAYERS)
@@ -134,32 +135,100 @@ def test_unreachable_d_stops_the_push_without_crashing_p(pair):
     assert p.transfer_results({"p4"}).sent == {"p4"}  # nothing in flight: released at once
 
 
-class FakeCudaEvent:
-    """Stands in for torch.cuda.Event: the sender rule is record on compute, wait before post."""
+class HeldEvent:
+    """Stands in for torch.cuda.Event: the layer's "kernels" finish only when the test says so."""
 
-    made: list["FakeCudaEvent"] = []
+    made: list["HeldEvent"] = []
+    log: list[str] = []  # what the layer path did on the "forward stream", in order
 
     def __init__(self) -> None:
-        self.recorded = self.synchronized = False
-        FakeCudaEvent.made.append(self)
+        self.recorded = False
+        self._done = threading.Event()
+        HeldEvent.made.append(self)
 
     def record(self) -> None:
         self.recorded = True
+        HeldEvent.log.append("record")
+
+    def query(self) -> bool:
+        return self._done.is_set()
 
     def synchronize(self) -> None:
         assert self.recorded, "waited on an event that was never recorded"
-        self.synchronized = True
+        self._done.wait(20)
+
+    def finish(self) -> None:
+        self._done.set()
 
 
-def test_cuda_layers_are_posted_only_after_their_event(pair, monkeypatch):
-    d, p, d_kv, p_kv, port = pair
-    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
-    t = target(port, "r5", [11])
-    p.bind(PrefillStepMeta(tasks=[PushTask("p5", t, [4], [11], last=True)]))
-    for name in LAYERS:  # a CUDA layer as the connector sees it: only is_cuda matters here
-        p.save_kv_layer(name, type("CudaLayer", (), {"is_cuda": True})())
+CUDA_LAYER = type("CudaLayer", (), {"is_cuda": True})()  # only is_cuda matters to the worker
+
+
+@pytest.fixture
+def held(pair, monkeypatch):
+    """Events the test completes, the GPU delay logged instead of run, and every WRITE P posts
+    recorded with how many layer events had completed at that moment."""
+    p = pair[1]
+    HeldEvent.made, HeldEvent.log, posted = [], [], []
+    monkeypatch.setattr(torch.cuda, "Event", HeldEvent)
+    monkeypatch.setattr("pdpush.connector.prefill_worker.delay_stream",
+                        lambda us: HeldEvent.log.append(f"delay {us}"))
+    real_write = p.engine.write
+
+    def write(*args, **kwargs):
+        posted.append(sum(e.query() for e in HeldEvent.made))
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(p.engine, "write", write)
+    yield posted
+    for event in HeldEvent.made:  # never leave P's transfer thread waiting
+        event.finish()
+
+
+def push_cuda_layers(pair, monkeypatch, req: str, d_block: int, **debug) -> None:
+    """bind + save_kv_layer of every layer as a CUDA forward would call them (not waiting)."""
+    _, p, _, _, port = pair
+    monkeypatch.setattr(p, "config", dataclasses.replace(p.config, **debug))
+    t = target(port, req, [d_block])
+    p.bind(PrefillStepMeta(tasks=[PushTask("p" + req, t, [4], [d_block], last=True)]))
+    for name in LAYERS:
+        p.save_kv_layer(name, CUDA_LAYER)
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def finish_push(pair, req: str, d_block: int) -> None:
+    d, p, d_kv, p_kv, _ = pair
     p.wait_for_save()
-    settle(d, p, "r5", "p5")
-    assert len(FakeCudaEvent.made) == len(LAYERS)
-    assert all(e.recorded and e.synchronized for e in FakeCudaEvent.made)
-    assert all(torch.equal(d_kv[name][11], p_kv[name][4]) for name in LAYERS)
+    settle(d, p, req, "p" + req)
+    assert all(torch.equal(d_kv[name][d_block], p_kv[name][4]) for name in LAYERS)
+
+
+def test_cuda_layer_is_posted_only_after_its_event_completed(pair, held, monkeypatch):
+    push_cuda_layers(pair, monkeypatch, "r5", 11, debug_delay_layer_us=250)
+    time.sleep(0.3)  # ample time for P's transfer thread to post, were it not waiting
+    assert held == [], "a WRITE was posted before its layer's kernels finished"
+    for layer, event in enumerate(HeldEvent.made):
+        event.finish()
+        wait_for(lambda: len(held) > layer)
+        time.sleep(0.02)
+        assert held == list(range(1, layer + 2)), "each layer waits for its own event only"
+    finish_push(pair, "r5", 11)
+    # the GPU delay comes after the layer's event: it holds back the next layer, not this one
+    assert HeldEvent.log == ["record", "delay 250"] * len(LAYERS)
+
+
+def test_control_skipping_the_event_posts_before_the_kernels_finished(pair, held, monkeypatch):
+    """The control of the test above: with the sender rule switched off (test-only setting) the
+    same observation catches WRITEs posted while no layer's event had completed."""
+    push_cuda_layers(pair, monkeypatch, "r7", 3, debug_skip_layer_event=True,
+                     debug_delay_layer_us=250)
+    wait_for(lambda: len(held) == len(LAYERS))
+    assert held == [0] * len(LAYERS)
+    assert len(HeldEvent.made) == len(LAYERS), "the event is still recorded, only not waited for"
+    finish_push(pair, "r7", 3)

@@ -7,6 +7,8 @@ lease to end, so each failure kind is checked for it.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +20,8 @@ from pdpush.rpc.prefill_client import PrefillClient, PrefillJob
 
 
 class FakePrefill(BaseHTTPRequestHandler):
-    """Behaviour by the prompt's first token: 0 ok, 1 bad params, 4 HTTP 400, 5 HTTP 500, 9 slow."""
+    """Behaviour by the prompt's first token: 0 ok, 1 bad params, 3 HTTP 403, 4 HTTP 400,
+    5 HTTP 500, 9 slow."""
 
     seen: list[dict] = []
 
@@ -28,8 +31,8 @@ class FakePrefill(BaseHTTPRequestHandler):
         kind = body["prompt"][0]
         if kind == 9:
             time.sleep(2)
-        if kind in (4, 5):
-            return self._send(400 if kind == 4 else 500, {"error": "no"})
+        if kind in (3, 4, 5):
+            return self._send({3: 403, 4: 400, 5: 500}[kind], {"error": "no"})
         params = {"pdpush_error": "bad target"} if kind == 1 else {"pdpush": {"pushed": True}}
         self._send(200, {"choices": [{"token_ids": [77]}], "kv_transfer_params": params})
 
@@ -69,7 +72,7 @@ def client(fake_p):
 
 def job(url: str, kind: int, timeout_s: float = 5.0, req_id: str = "r") -> PrefillJob:
     return PrefillJob(req_id, url, [kind, 1, 2], {"temperature": 0.0}, {"pdpush": {"x": 1}},
-                      time.time() + timeout_s)
+                      time.monotonic() + timeout_s)
 
 
 def wait_result(client: PrefillClient, timeout_s: float = 5.0):
@@ -91,7 +94,9 @@ def test_ok_returns_first_token_and_sends_one_token_request(client, fake_p):
 
 
 @pytest.mark.parametrize("kind, may_have_written, error", [
-    (1, False, "bad target"), (4, False, "P answered 400"), (5, True, "P answered 500"),
+    # 400: vLLM answers it also for errors raised after its engine started the request.
+    (1, False, "bad target"), (3, False, "P answered 403"), (4, True, "P answered 400"),
+    (5, True, "P answered 500"),
 ])
 def test_p_errors(client, fake_p, kind, may_have_written, error):
     client.submit(job(fake_p, kind))
@@ -112,6 +117,7 @@ def test_deadline_abandons_a_slow_prefill(client, fake_p):
     result = wait_result(client)
     assert time.monotonic() - start < 1.5
     assert not result.ok and result.may_have_written and "deadline" in result.error
+    assert result.at - start >= 0.3  # the outcome's time is when it was known, not the call's start
 
 
 def test_cancel_ends_the_call(client, fake_p):
@@ -119,7 +125,7 @@ def test_cancel_ends_the_call(client, fake_p):
     time.sleep(0.2)
     assert client.cancel("c")
     result = wait_result(client)
-    assert result.error == "cancelled by D" and result.may_have_written
+    assert result.error == "cancelled by D" and result.may_have_written and result.cancelled
     assert not client.cancel("c")
 
 
@@ -130,3 +136,42 @@ def test_health_reports_queue_from_metrics(client):
         reports = client.drain_health()
         time.sleep(0.05)
     assert reports and reports[0].ok and reports[0].queue == 3
+
+
+LISTENING: list[socket.socket] = []
+
+
+def dropping_p(process_ends: bool) -> str:
+    """A P that resets the do_prefill connection; its listening socket closes too when its
+    process "ends", else it stays open and answers nothing (a stopped or wedged P)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            conn, _ = srv.accept()
+            if conn.recv(65536).startswith(b"POST"):
+                break
+            conn.close()  # health checks before the call: no answer
+        if process_ends:
+            srv.close()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # RST
+
+    threading.Thread(target=serve, daemon=True).start()
+    LISTENING.append(srv)  # kept open (and referenced) until the module ends
+    return f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("process_ends", [True, False], ids=["process-ended", "still-listening"])
+def test_dropped_connection_tells_a_p_gone_from_an_unreachable_one(process_ends):
+    url = dropping_p(process_ends)
+    client = PrefillClient((url,), health_interval_s=60.0)
+    try:
+        start = time.monotonic()
+        client.submit(job(url, 0, timeout_s=30.0))
+        result = wait_result(client)
+        assert not result.ok and "dropped the connection" in result.error
+        assert result.p_gone is process_ends
+        assert time.monotonic() - start < 5  # seconds, not the lease
+    finally:
+        client.close()

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 MAX_TOKENS = 6
 TIMEOUT_S = 4.0
 GRACE_S = 1.0
+RETRY_S = 3.0  # a P's circuit breaker lets a trial request through this long after its last failure
 P_MAX_LEN = 2048
 PARALLEL = {f"par{i}": make_prompt(1500, 100 + i) for i in range(6)}
 LATER = {f"later{i}": make_prompt(300, 200 + i) for i in range(3)}
@@ -49,7 +50,7 @@ def cluster(tiny_model: Path, reference):
     d_config = decode_kv_config(
         [p.url for p in prefills], remote_threshold_tokens=64, side_channel_port=free_port(),
         stats_port=ports["D"], prefill_timeout_s=TIMEOUT_S, lease_grace_s=GRACE_S,
-        health_interval_s=1.0, retry_after_s=120.0)
+        health_interval_s=1.0, retry_after_s=RETRY_S)
     decode = VllmServer("fail-D", tiny_model, kv_transfer_config=d_config, cpu_core=0, log_dir=LOG_DIR)
     servers = [*prefills, decode]
     try:
@@ -90,12 +91,14 @@ def test_two_prefills_share_load(cluster, reference):
     assert used == {p.url for p in cluster["P"]}
 
 
-def test_erroring_prefill_falls_back_at_once(cluster, reference):
+def test_erroring_prefill_falls_back_when_the_lease_ends(cluster, reference):
+    """vLLM answers 400 also for errors raised after its engine started a request, so a 400 is
+    no proof that P wrote nothing: D keeps the blocks until the lease ends, then recomputes."""
     start = time.monotonic()
     body = complete(cluster["D"].url, PROMPTS["too_long_for_p"], MAX_TOKENS)
     assert where(body)["prefill"] == "fallback"
     assert "P answered 400" in where(body)["error"]
-    assert time.monotonic() - start < TIMEOUT_S  # P wrote nothing: no wait for the lease
+    assert TIMEOUT_S <= time.monotonic() - start < TIMEOUT_S + GRACE_S + 8
     assert tokens(body) == reference["too_long_for_p"]
 
 
@@ -109,7 +112,9 @@ def test_prefill_past_deadline_falls_back_without_hanging(cluster, reference):
         elapsed = time.monotonic() - start
     finally:
         freeze(cluster["P"], signal.SIGCONT)
-        time.sleep(3.0)  # D's next health checks (every 1 s) see the thawed Ps: later tests need them
+        # Health checks that timed out while frozen opened the breakers: after RETRY_S a trial
+        # request may close them again (a good health check alone does not); later tests need them.
+        time.sleep(RETRY_S + 3.0)
     assert where(body)["prefill"] == "fallback"
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + GRACE_S + 8  # bounded: no hang (slack: 2 busy cores)
     assert tokens(body) == reference["deadline"]

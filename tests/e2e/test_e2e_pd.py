@@ -2,11 +2,15 @@
 
 One P and one D (tiny model) are shared by the module; a plain engine without connector is run
 first for the reference outputs. After every test the free KV block counts of P and D must be
-back at their baseline (read from the connector's /stats endpoint).
+back at their baseline (read from the connector's /stats endpoint). D runs in test mode
+(PDPUSH_TEST_MODE=1, test_allow_prefill_tokens) for the must-fail control, accepts prompt
+embeddings and serves the model under a second name.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import httpx
@@ -26,9 +30,12 @@ MULTI_CHUNK = make_prompt(1200, 3)  # P's token budget is 512: three prefill chu
 SHARED = MULTI_CHUNK[:640] + make_prompt(200, 4)  # D has 5 blocks of it cached after MULTI_CHUNK
 CONTROL_A = make_prompt(300, 5)
 CONTROL_B = make_prompt(299, 6) + CONTROL_A[-1:]  # same length and last token as A
+VICTIM = make_prompt(600, 8)  # issue 10's example: a 600-token prompt others try to poison
+POISON = make_prompt(599, 9) + VICTIM[-1:]
+ALIASED = make_prompt(400, 10)
 PROMPTS = {"one_token": [42], "short": make_prompt(8, 1), "long": LONG,
            "multi_chunk": MULTI_CHUNK, "shared": SHARED, "control_a": CONTROL_A,
-           "control_b": CONTROL_B}
+           "control_b": CONTROL_B, "victim": VICTIM, "poison": POISON, "aliased": ALIASED}
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +48,17 @@ def cluster(tiny_model: Path, reference):
     d_stats, p_stats = free_port(), free_port()
     decode_opts = {"remote_threshold_tokens": THRESHOLD, "side_channel_port": free_port(),
                    "stats_port": d_stats, "prefill_timeout_s": 20.0, "lease_grace_s": 1.0,
-                   "health_interval_s": 1.0}
-    with LocalCluster(tiny_model, 1, decode_opts=decode_opts,
-                      prefill_opts={"stats_port": p_stats}, log_dir=LOG_DIR) as c:
-        c.d_stats, c.p_stats = d_stats, p_stats
-        c.baseline = {d_stats: stats(d_stats)["free_blocks"], p_stats: stats(p_stats)["free_blocks"]}
-        yield c
+                   "health_interval_s": 1.0, "test_allow_prefill_tokens": True}
+    decode_args = ["--enable-prompt-embeds", "--served-model-name", "pdpush", "alias"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PDPUSH_TEST_MODE", "1")  # D inherits it: the test seam is accepted
+        with LocalCluster(tiny_model, 1, decode_opts=decode_opts, decode_args=decode_args,
+                          prefill_opts={"stats_port": p_stats}, log_dir=LOG_DIR) as c:
+            c.d_stats, c.p_stats = d_stats, p_stats
+            c.baseline = {d_stats: stats(d_stats)["free_blocks"],
+                          p_stats: stats(p_stats)["free_blocks"]}
+            c.model = tiny_model
+            yield c
 
 
 @pytest.fixture(autouse=True)
@@ -80,10 +92,50 @@ def test_multi_chunk_prompt_is_pushed_chunk_by_chunk(cluster):
 def test_control_wrong_kv_gives_the_other_prompts_continuation(cluster, reference):
     """D decodes from the pushed KV: B's prompt with A's KV continues A, not B."""
     assert reference["control_a"] != reference["control_b"]
-    body = complete(cluster.decode.url, CONTROL_B, MAX_TOKENS,
+    body = complete(cluster.decode.url, CONTROL_B, MAX_TOKENS, cache_salt="control",
                     kv_transfer_params={"pdpush_prefill_tokens": CONTROL_A})
     assert where(body)["prefill"] == "remote"
     assert tokens(body) == reference["control_a"]
+
+
+def test_a_request_cannot_poison_a_later_one(cluster, reference):
+    """The test seam's KV never serves another request: not one without its cache_salt (vLLM's
+    hashes differ), not even one with it (D takes the blocks out of its prefix cache)."""
+    d = cluster.decode.url
+    assert reference["victim"] != reference["poison"]
+    poisoned = complete(d, VICTIM, MAX_TOKENS, cache_salt="attacker",
+                        kv_transfer_params={"pdpush_prefill_tokens": POISON})
+    assert tokens(poisoned) == reference["poison"]  # D did decode from the foreign KV
+    same_salt = complete(d, VICTIM, MAX_TOKENS, cache_salt="attacker")
+    assert tokens(same_salt) == reference["victim"]
+    assert where(same_salt)["skip_tokens"] == 0  # no block of the poisoned request matched
+    assert tokens(complete(d, VICTIM, MAX_TOKENS)) == reference["victim"]
+    unsalted = complete(d, VICTIM, MAX_TOKENS, kv_transfer_params={"pdpush_prefill_tokens": POISON})
+    assert "cache_salt" in where(unsalted)["pdpush_error"]
+    assert tokens(unsalted) == reference["victim"]
+
+
+def test_prompt_embeds_are_prefilled_locally(cluster, reference):
+    """P is sent token ids only, so D keeps a prompt given as embeddings (vLLM raised a
+    TypeError in D's engine core before)."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(cluster.model / "model.safetensors"))
+    embeds = weights["model.embed_tokens.weight"][torch.tensor(LONG)]
+    buf = io.BytesIO()
+    torch.save(embeds, buf)
+    body = complete(cluster.decode.url, None, MAX_TOKENS,
+                    prompt_embeds=base64.b64encode(buf.getvalue()).decode(),
+                    kv_transfer_params={"pdpush_prefill": "remote"})
+    assert where(body) == {"prefill": "local", "reason": "prompt_embeds"}
+    assert tokens(body) == reference["long"]
+
+
+def test_a_served_model_alias_is_pushed_and_correct(cluster, reference):
+    body = complete(cluster.decode.url, ALIASED, MAX_TOKENS, model="alias")
+    assert where(body)["prefill"] == "remote"
+    assert tokens(body) == reference["aliased"]
 
 
 def test_bad_client_params_are_reported(cluster, reference):

@@ -75,6 +75,8 @@ def with_prefill_tokens(params: dict[str, Any], tokens: list[int]) -> dict[str, 
 
     The only use of the connector's test seam (metadata.CLIENT_TOKENS_KEY): the must-fail control
     gives D one prompt and P another, so D decodes from KV that does not belong to its prompt.
+    D honours it only in test mode (test_allow_prefill_tokens, PDPUSH_TEST_MODE=1) and for a
+    request with a cache_salt (`ask` always sends one).
     """
     return {**params, "pdpush_prefill_tokens": tokens}
 

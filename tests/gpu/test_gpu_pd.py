@@ -48,10 +48,11 @@ def cluster(gpu_model, recorder: Recorder):
     d_stats, p_stats = free_port(), free_port()
     decode_opts = {"remote_threshold_tokens": 64, "side_channel_port": free_port(),
                    "stats_port": d_stats, "prefill_timeout_s": 60.0, "lease_grace_s": 5.0,
-                   "health_interval_s": 1.0}
+                   "health_interval_s": 1.0, "test_allow_prefill_tokens": True}
     with pytest.MonkeyPatch.context() as env:
         for name, value in SERVER_ENV.items():
             env.setenv(name, value)
+        env.setenv("PDPUSH_TEST_MODE", "1")  # the must-fail control's test seam (D inherits it)
         env.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
         t0 = time.monotonic()
         with LocalCluster(gpu_model, 1, decode_opts=decode_opts, prefill_opts={"stats_port": p_stats},

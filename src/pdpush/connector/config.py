@@ -11,17 +11,24 @@ dicts are plain JSON.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pdpush.connector.faults import FAULT_HOOKS_ENV, fault_hooks_allowed
 from pdpush.policy import PolicyConfig
 
 MODULE_PATH = "pdpush.connector.facade"
 CONNECTOR_NAME = "PdpushConnector"
 ON_FAILURE = ("local", "error")
+ON_FIRST_TOKEN_MISMATCH = ("log", "exclude-from-cache", "error")
 DECODE_ROLE, PREFILL_ROLE = "kv_consumer", "kv_producer"  # vLLM's kv_role values for D and P
 PROBE_RX = ("auto", "rdma", "engine", "none")
 PROBE_TIMER = ("auto", "cuda", "cpu")
+# Settings that break a guarantee on purpose (the controls of tests that must be able to fail):
+# an engine accepts them, set to anything but their default, only when TEST_MODE_ENV is "1".
+TEST_MODE_ENV = "PDPUSH_TEST_MODE"
+TEST_ONLY_KEYS = ("test_allow_prefill_tokens", "debug_skip_layer_event", "debug_delay_layer_us")
 
 
 class ConfigError(ValueError):
@@ -105,15 +112,32 @@ class PdpushConfig:
     max_inflight_per_prefill: int = 8
     # D: a P whose queue (waiting requests) is this long counts as full.
     max_prefill_queue: int = 16
-    # Lease: P must finish all WRITEs within this many seconds of D's do_prefill.
+    # Lease, D: the push budget sent to P (seconds from D's send; P posts no WRITE after it).
+    # P: how long a step waits for its transfer thread before failing those pushes.
     prefill_timeout_s: float = 30.0
     # Lease: D keeps blocks this much longer than the deadline before reusing them.
     lease_grace_s: float = 2.0
+    # P: stop posting WRITEs this long before the push budget ends (measured on P's clock from
+    # the request's arrival): covers D→P transit and the last WRITEs' flight (docs/architecture.md,
+    # "Lease and quarantine"). Must be smaller than the budget D gives (its prefill_timeout_s).
+    push_stop_margin_s: float = 2.0
     # D: seconds between health checks of each P; a failed P is retried after retry_after_s.
     health_interval_s: float = 2.0
     retry_after_s: float = 10.0
+    # D: this many consecutive failures of a P (do_prefill or health check) open its circuit
+    # breaker; after retry_after_s one trial request may close it again (pdpush.policy).
+    breaker_failures: int = 3
     # D: what a failed remote prefill becomes: a local prefill, or an error for the client.
     on_failure: Literal["local", "error"] = "local"
+    # D: what a greedy first token of P that differs from D's does (plain greedy, remote only):
+    # log | exclude-from-cache (the request's pushed blocks leave D's prefix cache) | error
+    # (exclude-from-cache, the P counts one failure, the response carries an error).
+    on_first_token_mismatch: str = "log"
+    # D, tests only: honour kv_transfer_params.pdpush_prefill_tokens (P computes other tokens
+    # than the prompt; the must-fail control). Refused unless PDPUSH_TEST_MODE=1 in D's
+    # environment; such requests must carry a cache_salt and their blocks are kept out of D's
+    # prefix cache (docs/architecture.md, "Decisions and outcomes").
+    test_allow_prefill_tokens: bool = False
     # D: worker rank r serves its NIXL metadata on side_channel_port + r.
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 5600
@@ -122,8 +146,17 @@ class PdpushConfig:
     stats_port: int = 0
     # P: how long P waits for D's side channel before giving up on a request.
     side_channel_timeout_s: float = 5.0
+    # Tests only: a directory of fault triggers (connector/faults.py); refused unless the
+    # environment has PDPUSH_FAULT_HOOKS=1.
+    fault_hooks_dir: str = ""
     # D: the step probe; off unless it names a log or a metrics endpoint.
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    # Test only (PDPUSH_TEST_MODE=1), P: post each layer's WRITE without waiting for its CUDA
+    # event, i.e. break the sender ordering rule, so an ordering test has a control that can fail.
+    debug_skip_layer_event: bool = False
+    # Test only (PDPUSH_TEST_MODE=1), P: hold the forward stream this many microseconds before
+    # each layer's KV write (a GPU sleep kernel), so a WRITE posted too early ships stale bytes.
+    debug_delay_layer_us: int = 0
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None, role: str) -> "PdpushConfig":
@@ -148,7 +181,8 @@ class PdpushConfig:
         if role not in (DECODE_ROLE, PREFILL_ROLE):
             raise ConfigError(f"pdpush: kv_role must be kv_consumer (D) or kv_producer (P), not {role!r}")
         positive = ("max_inflight_per_prefill", "max_prefill_queue", "prefill_timeout_s",
-                    "health_interval_s", "retry_after_s", "side_channel_timeout_s")
+                    "health_interval_s", "retry_after_s", "side_channel_timeout_s",
+                    "breaker_failures")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"pdpush: {name} must be > 0, got {getattr(self, name)}")
@@ -156,8 +190,17 @@ class PdpushConfig:
             raise ConfigError("pdpush: remote_threshold_tokens must be >= 1")
         if self.lease_grace_s < 0:
             raise ConfigError("pdpush: lease_grace_s must be >= 0")
+        if not 0 <= self.push_stop_margin_s < self.prefill_timeout_s:
+            raise ConfigError(f"pdpush: push_stop_margin_s must be >= 0 and below prefill_timeout_s "
+                              f"({self.prefill_timeout_s}), got {self.push_stop_margin_s}")
+        if self.fault_hooks_dir and not fault_hooks_allowed():
+            raise ConfigError(f"pdpush: fault_hooks_dir is a test seam; it is refused unless "
+                              f"{FAULT_HOOKS_ENV}=1 is set in the engine's environment")
         if self.on_failure not in ON_FAILURE:
             raise ConfigError(f"pdpush: on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
+        if self.on_first_token_mismatch not in ON_FIRST_TOKEN_MISMATCH:
+            raise ConfigError(f"pdpush: on_first_token_mismatch must be one of "
+                              f"{ON_FIRST_TOKEN_MISMATCH}, got {self.on_first_token_mismatch!r}")
         for name in ("side_channel_port", "stats_port"):
             port = getattr(self, name)
             if not (0 <= port < 65536 and (port or name == "stats_port")):
@@ -169,16 +212,34 @@ class PdpushConfig:
             raise ConfigError("pdpush: D (kv_consumer) needs at least one entry in prefill_urls")
         if role == PREFILL_ROLE and self.prefill_urls:
             raise ConfigError("pdpush: prefill_urls is D's setting (kv_consumer); P takes none")
+        if self.debug_delay_layer_us < 0:
+            raise ConfigError("pdpush: debug_delay_layer_us must be >= 0")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        test_only = [k for k in TEST_ONLY_KEYS if getattr(self, k) != defaults[k]]
+        if test_only:
+            require_test_mode(test_only)
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(self.remote_threshold_tokens, self.max_inflight_per_prefill,
-                            self.max_prefill_queue, self.retry_after_s)
+                            self.max_prefill_queue, self.retry_after_s, self.breaker_failures)
 
     @staticmethod
     def is_decode_extra(extra: dict[str, Any] | None) -> bool:
         """D or P from the extra config alone, for the one vLLM hook that gets nothing else
         (`requires_piecewise_for_cudagraph`): validation makes prefill_urls D-only."""
         return bool((extra or {}).get("prefill_urls"))
+
+
+def test_mode() -> bool:
+    """True when this process may accept test-only settings (TEST_MODE_ENV is "1")."""
+    return os.environ.get(TEST_MODE_ENV) == "1"
+
+
+def require_test_mode(what: list[str]) -> None:
+    """Refuse test-only settings in a served config: they exist to make a test's control fail."""
+    if not test_mode():
+        raise ConfigError(f"pdpush: {', '.join(what)}: test-only setting(s), refused unless "
+                          f"{TEST_MODE_ENV}=1 is set in the engine's environment")
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:
@@ -189,6 +250,10 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"pdpush: {name} must be a list of strings, got {value!r}")
         return tuple(v.rstrip("/") for v in value)
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"pdpush: {name} must be true or false, got {value!r}")
+        return value
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"pdpush: {name} must be an integer, got {value!r}")

@@ -53,8 +53,11 @@ class DecodeRequest:
     status: Status
     placement: Placement | None = None
     url: str | None = None  # the chosen P
-    lease_end: float = 0.0  # D may reuse the blocks after this even without P's word
-    greedy: bool = False  # P's first token must then equal D's
+    lease_end: float = 0.0  # time.monotonic(): past it without P's word, the blocks are held
+    push_blocks: tuple[int, ...] = ()  # D's blocks that P writes (after D's own prefix hit)
+    notified: int = 0  # D ranks that saw P's notification
+    plain_greedy: bool = False  # greedy, no logits-shaping option: P's first token must equal D's
+    foreign_kv: bool = False  # test seam: P computes other tokens; the blocks are never cached
     give_up: bool = False  # the workers were told to stop waiting for KV
     aborted: bool = False  # the client went away while waiting for KV
     p_answered: bool = False  # P's do_prefill outcome arrived

@@ -3,7 +3,9 @@
 Per step it does no per-request work for requests still waiting for KV: it only drains the
 agent's notifications. A request is reported received after P's completion notification (sent
 after P saw every WRITE complete) and after the receive fence (flush rule, transfer/ordering.py);
-it is reported failed when P says so or when the scheduler gives it up (lease ended).
+it is reported failed when P says so or when the scheduler gives it up (lease ended). Every
+notification of P's, also one that comes after the give-up, is reported (`Transfers.notified`):
+it is what frees blocks the scheduler held at the lease's end (connector/quarantine.py).
 When each notification arrived (and P's WRITE timings it carries) goes back to the scheduler
 with the step's output (`arrivals`, pdpush.connector.timing).
 On the first rank it also runs the step probe (pdpush.probe) around each forward, when
@@ -47,6 +49,7 @@ class DecodeWorker:
         self._early: dict[str, tuple[Notif, float]] = {}
         self._done: set[str] = set()
         self._failed: set[str] = set()
+        self._notified: set[str] = set()
         self._arrivals: dict[str, tuple[float, tuple[float, ...]]] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -97,9 +100,9 @@ class DecodeWorker:
     def transfer_results(self, finished_req_ids: set[str]) -> Transfers:
         """Received and failed since the last call; failed ones are received too (vLLM's rule)."""
         self._poll()
-        done, failed = self._done, self._failed
-        self._done, self._failed = set(), set()
-        return Transfers(received=done, failed=failed)
+        done, failed, notified = self._done, self._failed, self._notified
+        self._done, self._failed, self._notified = set(), set(), set()
+        return Transfers(received=done, failed=failed, notified=dict.fromkeys(notified, 1))
 
     def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]:
         """Notifications settled since the last call: (D's monotonic arrival, P's offsets)."""
@@ -115,6 +118,7 @@ class DecodeWorker:
                 notif = Notif.decode(raw)
                 if notif is None:
                     continue
+                self._notified.add(notif.d_req_id)
                 if notif.d_req_id in self._expected:
                     self._settle(notif, now)
                 else:

@@ -29,9 +29,10 @@ class PdpushConnector(api.ConnectorBase):
         super().__init__(vllm_config, role, kv_cache_config)
         setup = api.engine_setup(vllm_config, role, kv_cache_config)
         self.config = PdpushConfig.from_extra_config(setup.extra, setup.kv_role)
+        self._notified: dict[str, int] = {}  # worker side: this step's Transfers.notified
         if setup.scheduler_side:
             self.sched = make_scheduler_half(setup.kv_role, self.config, setup.block_size,
-                                             setup.engine_id)
+                                             setup.engine_id, setup.ranks)
         else:
             self.worker = make_worker_half(setup.kv_role, self.config, setup.engine_id,
                                            api.tensor_parallel_rank(), setup.num_blocks)
@@ -67,11 +68,15 @@ class PdpushConnector(api.ConnectorBase):
         self.worker.wait_for_save()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
-        return api.to_transfer_results(self.worker.transfer_results(finished_req_ids))
+        transfers = self.worker.transfer_results(finished_req_ids)
+        self._notified = transfers.notified  # vLLM asks for the worker metadata next
+        return api.to_transfer_results(transfers)
 
     def build_connector_worker_meta(self) -> Any:
-        """The step's KV arrival times, to the scheduler half (TTFT breakdown)."""
-        return api.worker_meta(self.worker.take_arrivals())
+        """The step's P notifications (lease releases) and KV arrival times (TTFT breakdown),
+        to the scheduler half."""
+        notified, self._notified = self._notified, {}
+        return api.worker_meta(notified, self.worker.take_arrivals())
 
     def shutdown(self) -> None:
         for half in (getattr(self, "sched", None), getattr(self, "worker", None)):

@@ -56,11 +56,11 @@ class WorkerHalf(Protocol):
 
 
 def make_scheduler_half(kv_role: str, config: PdpushConfig, block_size: int,
-                        engine_id: str) -> SchedulerHalf:
+                        engine_id: str, ranks: int = 1) -> SchedulerHalf:
     if kv_role == DECODE_ROLE:
         from pdpush.connector.decode_scheduler import DecodeScheduler
 
-        return DecodeScheduler(config, block_size, engine_id)
+        return DecodeScheduler(config, block_size, engine_id, ranks=ranks)
     from pdpush.connector.prefill_scheduler import PrefillScheduler
 
     return PrefillScheduler(block_size, config)

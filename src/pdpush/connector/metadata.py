@@ -18,8 +18,10 @@ from typing import Any
 PARAMS_KEY = "pdpush"  # kv_transfer_params[PARAMS_KEY] carries the PushTarget
 CLIENT_MODE_KEY = "pdpush_prefill"  # client → D: "auto" (default), "local" or "remote"
 CLIENT_MODES = ("auto", "local", "remote")
-# Debug/test seam: client → D, token ids sent to P instead of the prompt. The control test uses
-# it to prove that D really decodes from the pushed KV (B's prompt with A's KV gives A's text).
+# Test-only seam: client → D, token ids sent to P instead of the prompt. The must-fail control
+# uses it to prove that D really decodes from the pushed KV (B's prompt with A's KV gives A's
+# text). Honoured only when D's config has test_allow_prefill_tokens (which needs
+# PDPUSH_TEST_MODE=1); otherwise the request is served locally with a pdpush_error.
 CLIENT_TOKENS_KEY = "pdpush_prefill_tokens"
 
 
@@ -41,7 +43,10 @@ class PushTarget:
     d_block_ids: tuple[int, ...]
     skip_tokens: int  # D's prefix-cache hit, block aligned: those blocks are not pushed
     block_size: int
-    deadline: float  # unix time; P posts no WRITE after it
+    # Seconds P may push for, measured from D's send. A duration, not a time: each side reads
+    # its own monotonic clock (P from the request's arrival, docs/architecture.md "Lease and
+    # quarantine"), so clock steps and skew between hosts do not move the lease.
+    budget_s: float
 
     def to_params(self) -> dict[str, Any]:
         return {PARAMS_KEY: {**asdict(self), "d_block_ids": list(self.d_block_ids)}}
@@ -56,7 +61,7 @@ class PushTarget:
             raise ParamsError(f"kv_transfer_params.{PARAMS_KEY} must be an object")
         expected = {"d_req_id": str, "d_engine_id": str, "side_channel": str,
                     "d_block_ids": list, "skip_tokens": int, "block_size": int,
-                    "deadline": (int, float)}
+                    "budget_s": (int, float)}
         for name, kind in expected.items():
             if name not in raw:
                 raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.{name} is missing")
@@ -68,6 +73,8 @@ class PushTarget:
             raise ParamsError(
                 f"kv_transfer_params.{PARAMS_KEY}: skip_tokens must be a multiple of block_size"
             )
+        if raw["budget_s"] <= 0:
+            raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.budget_s must be > 0")
         host, _, port = raw["side_channel"].rpartition(":")
         if not host or not port.isdigit():
             raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.side_channel must be host:port")
@@ -85,16 +92,22 @@ class PushTarget:
             )
 
 
-def client_mode(params: dict[str, Any] | None) -> tuple[str, list[int] | None]:
-    """The client's optional routing hint on D: (mode, tokens for P); ParamsError if bad."""
+def client_mode(params: dict[str, Any] | None,
+                allow_tokens: bool = False) -> tuple[str, list[int] | None]:
+    """The client's optional routing hint on D: (mode, tokens for P); ParamsError if bad.
+
+    Tokens for P (the test seam, CLIENT_TOKENS_KEY) are refused unless `allow_tokens`."""
     params = params or {}
     mode = params.get(CLIENT_MODE_KEY, "auto")
     if mode not in CLIENT_MODES:
         raise ParamsError(f"kv_transfer_params.{CLIENT_MODE_KEY} must be one of {CLIENT_MODES}, got {mode!r}")
     tokens = params.get(CLIENT_TOKENS_KEY)
-    if tokens is not None and not (
-        isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)
-    ):
+    if tokens is None:
+        return mode, None
+    if not allow_tokens:
+        raise ParamsError(f"kv_transfer_params.{CLIENT_TOKENS_KEY} is a test-only setting, off "
+                          f"on this server (test_allow_prefill_tokens)")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) for t in tokens)):
         raise ParamsError(f"kv_transfer_params.{CLIENT_TOKENS_KEY} must be a list of token ids")
     return mode, tokens
 
@@ -109,6 +122,7 @@ class PushTask:
     d_block_ids: list[int]
     last: bool  # the prompt completes this step: send the notification after these WRITEs
     admitted: float = 0.0  # P's monotonic clock when its scheduler took the request (timing)
+    post_until: float = float("inf")  # time.monotonic() on P after which no WRITE is posted
 
 
 @dataclass

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdpush.connector.config import PdpushConfig
+from pdpush.connector.faults import FaultHooks
+from pdpush.rpc.release import RELEASED_KEY, Tombstones, release_query
 from pdpush.connector.metadata import (
     ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
 )
@@ -32,6 +34,7 @@ class Push:
     target: PushTarget
     num_prompt: int
     next_block: int  # first prompt block not yet handed to the workers
+    post_until: float = float("inf")  # P's monotonic clock: no WRITE posted after it
     planned_last: bool = False
     times: PushTimes = field(default_factory=lambda: PushTimes(time.monotonic()))
 
@@ -47,30 +50,54 @@ class PrefillScheduler:
     _errors: dict[str, str] = field(default_factory=dict)
     _held: set[str] = field(default_factory=set)
     _stopped: dict[str, PushTarget] = field(default_factory=dict)
+    faults: FaultHooks | None = field(init=False)
+    tombstones: Tombstones = field(default_factory=Tombstones)
+    _release_answers: dict[str, bool] = field(default_factory=dict)  # P req id -> released
     pushed_requests: int = 0
     planned_tasks: int = 0  # (request, step) pairs handed to the workers: chunks pushed
     rejected_requests: int = 0
 
+    def __post_init__(self) -> None:
+        self.faults = FaultHooks.from_dir(self.config.fault_hooks_dir)
+
     def get_num_new_matched_tokens(self, request: RequestView, num_computed: int) -> tuple[int, bool]:
-        """P loads nothing; this is where the push target is read and validated (idempotent)."""
+        """P loads nothing; this is where the push target is read and validated (idempotent).
+        The budget becomes a time on P's monotonic clock here, at the request's arrival in P's
+        engine, less the stop margin (docs/architecture.md, "Lease and quarantine")."""
         req_id = request.request_id
-        if req_id in self._pushes or req_id in self._errors:
+        if req_id in self._pushes or req_id in self._errors or req_id in self._release_answers:
             return 0, False
+        if (asked := release_query(request.kv_transfer_params)) is not None:
+            self._answer_release(req_id, asked)
+            return 0, False
+        if self.faults is not None:
+            self.faults.at("before_accept")
         try:
             target = PushTarget.from_params(request.kv_transfer_params)
             if target is None:
                 return 0, False
+            if target.d_req_id in self.tombstones:
+                raise ParamsError("D released this request's blocks already (asked P first)")
             target.check_prompt(request.num_prompt_tokens, self.block_size)
-            if time.time() > target.deadline:
-                raise ParamsError("the request's deadline passed before P started it")
+            if target.budget_s <= self.config.push_stop_margin_s:
+                raise ParamsError(f"budget {target.budget_s}s is not above P's push_stop_margin_s "
+                                  f"({self.config.push_stop_margin_s}s)")
         except ParamsError as exc:
             log.error("pdpush: rejecting push for %s: %s", req_id, exc)
             self._errors[req_id] = str(exc)
             self.rejected_requests += 1
             return 0, False
+        post_until = time.monotonic() + target.budget_s - self.config.push_stop_margin_s
         self._pushes[req_id] = Push(target, request.num_prompt_tokens,
-                                    target.skip_tokens // self.block_size)
+                                    target.skip_tokens // self.block_size, post_until)
         return 0, False
+
+    def _answer_release(self, req_id: str, d_req_id: str) -> None:
+        """D asks whether it may release d_req_id's blocks (rpc/release.py)."""
+        busy = any(push.target.d_req_id == d_req_id for push in self._pushes.values())
+        if not busy:
+            self.tombstones.add(d_req_id)
+        self._release_answers[req_id] = not busy
 
     def update_state_after_alloc(self, request: RequestView, block_ids: list[int],
                                  num_external: int) -> None:
@@ -107,10 +134,12 @@ class PrefillScheduler:
         assert self.block_ids is not None, "bind_blocks() comes before the first step"
         p_ids = list(self.block_ids(req_id)[start:end]) if end > start else []
         return PushTask(req_id, push.target, p_ids, list(push.target.d_block_ids[start:end]), last,
-                        push.times.admitted)
+                        post_until=push.post_until, admitted=push.times.admitted)
 
     def request_finished(self, request: RequestView) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
+        if req_id in self._release_answers:
+            return False, {RELEASED_KEY: self._release_answers.pop(req_id)}
         error = self._errors.pop(req_id, None)
         if error is not None:
             return False, {"pdpush_error": error}

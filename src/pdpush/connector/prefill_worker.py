@@ -5,7 +5,12 @@ to an `OrderedPoster` together with a CUDA event recorded on the compute stream 
 the transfer thread waits for the event, never the compute stream, and posts the WRITE while the
 next layers compute. After every WRITE of a request completed P sends D the completion
 notification; the request's blocks are released (finished_sending) only after that. No WRITE is
-posted after the request's deadline: the lease D relies on before reusing its blocks.
+posted after `post_until` (the push budget on P's monotonic clock, less the stop margin); D
+holds blocks whose push state it does not know when its lease ends (docs/architecture.md,
+"Lease and quarantine").
+
+A failure in the push path fails that request's push (D is told and recomputes); it never
+raises into vLLM's forward, which would take P's engine down with every other request.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdpush.connector.config import PdpushConfig
+from pdpush.connector.faults import FaultHooks
 from pdpush.connector.kv_region import LocalKV, RemoteKV
 from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTarget, PushTask
 from pdpush.connector.timing import WriteTimes
 from pdpush.rpc.json_server import get_json
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
 from pdpush.transfer.layout import RunPlan
-from pdpush.transfer.ordering import OrderedPoster
+from pdpush.transfer.ordering import OrderedPoster, delay_stream
 from pdpush.vllm_api import Transfers
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
@@ -34,8 +40,11 @@ class Outgoing:
     """One request's pushes: posted WRITEs, and why it stopped early if it did."""
 
     target: PushTarget
+    post_until: float = float("inf")  # time.monotonic(): no WRITE posted after it
     peer: RemoteKV | None = None
     transfers: list[Transfer] = field(default_factory=list)
+    queued: int = 0  # WRITE jobs handed to the transfer thread whose result is not back yet
+    posted: int = 0  # WRITE jobs the transfer thread took (posted or refused)
     nbytes: int = 0
     complete: bool = False  # the last task's WRITEs are all posted
     stopped: str = ""
@@ -65,6 +74,7 @@ class PrefillWorker:
         self._plans: list[tuple[PushTask, RunPlan]] = []  # this step's, built once in bind()
         self._layer_index: dict[str, int] = {}
         self._finished: set[str] = set()  # finished in vLLM, WRITEs maybe still in flight
+        self.faults = FaultHooks.from_dir(config.fault_hooks_dir)
         self._poster: OrderedPoster[WriteJob, tuple[WriteJob, Transfer | None, str]] = (
             OrderedPoster(self._post, name=f"pdpush-post-{rank}"))
 
@@ -82,7 +92,8 @@ class PrefillWorker:
         for task in meta.tasks:
             out = self._out.get(task.req_id)
             if out is None:
-                out = self._out[task.req_id] = Outgoing(task.target, times=WriteTimes(task.admitted))
+                out = self._out[task.req_id] = Outgoing(task.target, task.post_until,
+                                                        times=WriteTimes(task.admitted))
                 out.peer = self._connect(task.target, out)
             if not out.stopped:
                 self._tasks.append(task)
@@ -118,17 +129,30 @@ class PrefillWorker:
 
     def finish_writes(self, req_ids: list[str]) -> None:
         """Before the forward: wait out the WRITEs of preempted requests (blocks about to be
-        reused must not be read by a WRITE still in flight)."""
+        reused must not be read by a WRITE still in flight). Polls with a growing sleep (each
+        poll also progresses the transfers), never a busy spin; a push still in flight after
+        prefill_timeout_s is stopped (D recomputes) and P serves on."""
         deadline = time.monotonic() + self.config.prefill_timeout_s
+        pause = 0.0005
         for req_id in req_ids:
             out = self._out.get(req_id)
-            while out is not None and out.transfers and time.monotonic() < deadline:
-                self._settled(req_id, out)
+            while out is not None and (out.transfers or out.queued):
+                self._collect(0.0)
+                if self._settled(req_id, out):
+                    break
+                if time.monotonic() >= deadline:
+                    out.stopped = out.stopped or "WRITEs of a preempted request did not complete"
+                    log.error("pdpush: %s: %s", req_id, out.stopped)
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any) -> None:
         if not self._plans:
             return
         event = _layer_event(kv_layer)
+        if self.config.debug_skip_layer_event:
+            event = None  # the control of the sender rule: recorded as usual, not waited for
         index = self._layer_index[layer_name]
         for task, plan in self._plans:
             out = self._out[task.req_id]
@@ -136,28 +160,55 @@ class PrefillWorker:
                 continue
             try:
                 runs = plan.layer(index)
-            except ValueError as exc:  # a layer shaped unlike layer 0 that D cannot take
+            except Exception as exc:  # e.g. a layer shaped unlike layer 0 that D cannot take
                 self._stop_mapping(task.req_id, out, f"cannot map layer {layer_name} onto D: {exc}")
                 continue
+            out.queued += 1
             self._poster.submit(event, WriteJob(task.req_id, out, runs))
+        if self.config.debug_delay_layer_us and getattr(kv_layer, "is_cuda", False):
+            delay_stream(self.config.debug_delay_layer_us)  # see _layer_event
 
     def wait_for_save(self) -> None:
         """Collect the handles of this step's WRITEs (posting waits only on layer events)."""
         if not self._tasks:
             return
-        for job, xfer, error in self._poster.drain(timeout_s=self.config.prefill_timeout_s):
+        if not self._collect(self.config.prefill_timeout_s):
+            for req_id, out in self._out.items():
+                if out.queued and not out.stopped:
+                    out.stopped = "P's transfer thread did not post the WRITEs in time"
+                    log.error("pdpush: %s: %s", req_id, out.stopped)
+        self._tasks, self._plans = [], []
+
+    def _collect(self, timeout_s: float) -> bool:
+        """Take the transfer thread's results; False while it is still behind (jobs queued).
+        A request's notification waits until none of its jobs is queued (`_settled`)."""
+        try:
+            results = self._poster.drain(timeout_s=timeout_s)
+        except TimeoutError:
+            return False
+        except Exception as exc:  # the thread failed outside _post (e.g. waiting on an event)
+            for req_id, out in self._out.items():  # their WRITEs are unknown: never notify
+                if out.queued:
+                    out.stopped = out.stopped or f"transfer thread failed: {exc}"
+                    log.error("pdpush: %s: %s", req_id, out.stopped)
+            return True
+        for job, xfer, error in results:
+            job.out.queued -= 1
             if xfer is not None:
                 job.out.transfers.append(xfer)
             elif not job.out.stopped:
                 job.out.stopped = error
                 log.warning("pdpush: %s: stopped pushing to D: %s", job.req_id, error)
-        self._tasks, self._plans = [], []
+        return True
 
     def transfer_results(self, finished_req_ids: set[str]) -> Transfers:
         """Requests whose WRITEs all completed and whose notification went out, once finished.
         Only pushes are tracked: a finished request that never pushed is not P's to release
         (vLLM reports a push's finish in the same step whose metadata bound it, or later)."""
         self._finished |= finished_req_ids & self._out.keys()
+        self._collect(0.0)
+        if self.engine is not None:
+            self.engine.progress()  # a notification on a new connection needs P's progress too
         released = set()
         for req_id, out in list(self._out.items()):
             if not self._settled(req_id, out):
@@ -172,7 +223,8 @@ class PrefillWorker:
         return {}  # P receives no KV
 
     def _settled(self, req_id: str, out: Outgoing) -> bool:
-        """Poll; once nothing is in flight and the request is complete or stopped, notify D."""
+        """Poll; once nothing is in flight or queued and the request is complete or stopped,
+        notify D."""
         pending = []
         for xfer in out.transfers:
             try:
@@ -186,12 +238,18 @@ class PrefillWorker:
             assert self.engine is not None
             self.engine.release(xfer)
         out.transfers = pending
-        if pending or not (out.complete or out.stopped):
+        if pending or out.queued or not (out.complete or out.stopped):
             return False
         if not out.notified:
             out.notified = True
+            self._fault("after_last_write")
             self._notify(req_id, out)
+            self._fault("after_notify")
         return True
+
+    def _fault(self, point: str) -> None:
+        if self.faults is not None:
+            self.faults.at(point)
 
     def _notify(self, req_id: str, out: Outgoing) -> None:
         if out.peer is None or self.engine is None:
@@ -223,16 +281,22 @@ class PrefillWorker:
         return peer
 
     def _post(self, job: WriteJob) -> tuple[WriteJob, Transfer | None, str]:
-        """On the transfer thread, after the layer's event: post unless past the lease."""
-        if time.time() > job.out.target.deadline:
-            return job, None, "deadline passed: no more WRITEs (D may reuse the blocks)"
-        assert self.engine is not None and self.kv is not None and job.out.peer is not None
-        job.out.times.posted(time.monotonic())
+        """On the transfer thread, after the layer's event: post unless stopped or past
+        `post_until`. Never raises: a failed post fails this request's push only."""
+        out = job.out
+        out.posted += 1
+        if out.stopped:
+            return job, None, out.stopped
+        if time.monotonic() > out.post_until:
+            return job, None, "push budget spent: no more WRITEs (D will recompute)"
+        self._fault("accepted" if out.posted == 1 else "between_layers")
+        out.times.posted(time.monotonic())
         try:
-            xfer = self.engine.write(job.out.peer.agent, job.runs, local=self.kv.placement,
-                                     remote=job.out.peer.placement)
-        except TransferError as exc:
-            return job, None, str(exc)
+            assert self.engine is not None and self.kv is not None and out.peer is not None
+            xfer = self.engine.write(out.peer.agent, job.runs, local=self.kv.placement,
+                                     remote=out.peer.placement)
+        except Exception as exc:  # TransferError, or anything NIXL raises
+            return job, None, f"posting a WRITE failed: {exc}"
         return job, xfer, ""
 
     def close(self) -> None:
@@ -242,7 +306,21 @@ class PrefillWorker:
 
 
 def _layer_event(kv_layer: Any) -> Any:
-    """A CUDA event after the layer's KV write (sender ordering rule); None on the CPU."""
+    """A CUDA event after the layer's KV write (sender ordering rule); None on the CPU.
+
+    vLLM calls save_kv_layer(L) from the attention op once the CPU has *enqueued* layer L's KV
+    write (unified_kv_cache_update) and attention; the GPU may not have run them yet (graph
+    replays and launches are asynchronous). The event, recorded here on the forward stream, fires
+    once they ran; the transfer thread posts L's WRITE only then.
+
+    The test settings (config.py, `debug_*`) turn that into a control that can fail:
+    `debug_skip_layer_event` records the event but does not hand it over, so the WRITE is
+    posted at once;
+    `debug_delay_layer_us` enqueues a GPU sleep on the forward stream after this point, i.e.
+    ahead of layer L+1's kernels, KV write included. The CPU runs on to save_kv_layer(L+1) while
+    that write still waits behind the sleep (and those of the layers before it), so a WRITE
+    posted without the event reads L+1's blocks before they hold L+1's KV. Layer 0 is not delayed.
+    """
     if getattr(kv_layer, "is_cuda", False):
         import torch
 

@@ -19,7 +19,16 @@ from typing import Any
 
 import httpx
 
+from pdpush.rpc.release import RELEASED_KEY, release_body
 from pdpush.vllm_api import WAITING_REQUESTS, metric_sum
+
+GONE_CHECK_TIMEOUT_S = 2.0
+
+
+# HTTP statuses P's server gives before its engine sees a request: 401 (vLLM's --api-key
+# middleware) and 403 (a pdpush peer check refusing D). P's connector's own refusal of a push
+# target comes as `pdpush_error` in a 200 answer: it refused in its first hook, before any push.
+REJECTED_BEFORE_ENGINE = (401, 403)
 
 
 @dataclass
@@ -29,7 +38,7 @@ class PrefillJob:
     prompt_token_ids: list[int]
     sampling: dict[str, Any]  # OpenAI sampling fields for P's one token (temperature, seed, ...)
     kv_transfer_params: dict[str, Any]
-    deadline: float  # unix time; the call is abandoned after it
+    deadline: float  # time.monotonic(); the call is abandoned after it
 
 
 @dataclass
@@ -39,12 +48,27 @@ class PrefillResult:
     ok: bool
     first_token: int | None = None
     error: str = ""
-    # False only when P certainly never started pushing (refused, rejected, bad params):
-    # then D may reuse the blocks at once instead of waiting for the lease to end.
+    # False only on a confirmed "nothing written" (see `_post`): the connection was refused
+    # before the request was sent, or P rejected the request before its engine or its connector
+    # pushed anything. Then D may reuse the blocks at once instead of waiting for the lease.
     may_have_written: bool = True
+    # P's process ended: the call's connection was refused or reset and a health check right
+    # after was refused too. Nothing of P's can land any more (docs/architecture.md).
+    p_gone: bool = False
+    cancelled: bool = False  # D abandoned the call (client abort): no verdict on P
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
     sent_at: float = 0.0  # when the HTTP request left (monotonic), for the TTFT breakdown
     p_ms: dict[str, float] | None = None  # P's stage offsets (pdpush.connector.timing.PushTimes)
+
+
+@dataclass
+class ReleaseAnswer:
+    """P's answer to "may D release the blocks it holds for req_id?" (rpc/release.py)."""
+
+    req_id: str
+    url: str
+    released: bool
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -52,6 +76,7 @@ class HealthReport:
     url: str
     ok: bool
     queue: int = 0
+    refused: bool = False  # nothing listens on P's port: its process ended (or never started)
     at: float = field(default_factory=time.monotonic)  # when the check answered
 
 
@@ -107,7 +132,24 @@ class PrefillClient:
             future = self._calls.pop(req_id, None)
         return bool(future and future.cancel())
 
-    def drain_results(self) -> list[PrefillResult]:
+    def ask_release(self, url: str, req_id: str) -> None:
+        """Ask P whether D may release what it holds for req_id; the answer comes as a
+        ReleaseAnswer through drain_results (none when P does not answer)."""
+        self._loop.call(self._ask_release(url, req_id))
+
+    async def _ask_release(self, url: str, req_id: str) -> None:
+        try:
+            resp = await self._client.post(f"{url}/v1/completions", json=release_body(req_id),
+                                           timeout=GONE_CHECK_TIMEOUT_S * 5)
+            if resp.status_code != 200:
+                return
+            params = resp.json().get("kv_transfer_params") or {}
+        except (httpx.HTTPError, ValueError):
+            return
+        if params.get(RELEASED_KEY) is not None:
+            self._results.put(ReleaseAnswer(req_id, url, params[RELEASED_KEY] is True))
+
+    def drain_results(self) -> list[PrefillResult | ReleaseAnswer]:
         return _drain(self._results)
 
     def drain_health(self) -> list[HealthReport]:
@@ -122,22 +164,29 @@ class PrefillClient:
         self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
 
     async def _do_prefill(self, job: PrefillJob) -> None:
-        start = time.time()
         result = PrefillResult(job.req_id, job.url, ok=False)
         try:
             # One overall limit: httpx's timeout is per read, and P may trickle or stall.
-            result = await asyncio.wait_for(self._post(job), max(0.1, job.deadline - start))
+            result = await asyncio.wait_for(self._post(job),
+                                            max(0.1, job.deadline - time.monotonic()))
         except asyncio.CancelledError:
-            result.error = "cancelled by D"
+            result.error, result.cancelled = "cancelled by D", True
             raise
-        except httpx.ConnectError as exc:
+        except httpx.ConnectError as exc:  # no connection, so no request was sent
             result.error = f"cannot reach {job.url}: {exc}"
             result.may_have_written = False
+            result.p_gone = _is_refused(exc) and await self._refused(job.url)
+            result.at = time.monotonic()
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:  # reset or closed mid-call
+            result.error = f"{job.url} dropped the connection: {exc!r}"
+            result.p_gone = await self._refused(job.url)
+            result.at = time.monotonic()
         except (httpx.TimeoutException, asyncio.TimeoutError):
             result.error = f"no answer from {job.url} before the deadline"
         except httpx.HTTPError as exc:
             result.error = f"do_prefill to {job.url} failed: {exc!r}"
         finally:
+            result.at = time.monotonic()  # applied as of now, not as of the call's start
             with self._lock:
                 self._calls.pop(job.req_id, None)
             self._results.put(result)
@@ -153,9 +202,11 @@ class PrefillClient:
         sent_at = time.monotonic()
         resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=None)
         if resp.status_code != 200:
-            # 4xx: P's server rejected the request before its engine saw it.
+            # Only an authentication refusal is answered before P's engine sees the request; vLLM
+            # answers 400 also for errors raised after its engine started it (P may have pushed).
             return PrefillResult(job.req_id, job.url, False, error=f"P answered {resp.status_code}: "
-                                 f"{resp.text[:200]}", may_have_written=resp.status_code >= 500)
+                                 f"{resp.text[:200]}",
+                                 may_have_written=resp.status_code not in REJECTED_BEFORE_ENGINE)
         data = resp.json()
         choice = data["choices"][0]
         params = data.get("kv_transfer_params") or {}
@@ -172,6 +223,14 @@ class PrefillClient:
             await asyncio.gather(*(self._check(url) for url in self._urls))
             await asyncio.sleep(self._health_interval_s)
 
+    async def _refused(self, url: str) -> bool:
+        """A quick health check after a dropped connection: refused means P's process ended."""
+        try:
+            await self._client.get(f"{url}/health", timeout=GONE_CHECK_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            return _is_refused(exc)
+        return False
+
     async def _check(self, url: str) -> None:
         timeout = max(5.0, self._health_interval_s)  # a busy P answers slowly; a dead one at once
         try:
@@ -180,8 +239,19 @@ class PrefillClient:
             ok = health.status_code == 200
             queue = metric_sum(metrics.text, WAITING_REQUESTS) if metrics.status_code == 200 else 0
             self._health.put(HealthReport(url, ok, int(queue)))
+        except httpx.ConnectError as exc:
+            self._health.put(HealthReport(url, False, refused=_is_refused(exc)))
         except (httpx.HTTPError, ValueError, IndexError):  # /metrics that is not Prometheus text
             self._health.put(HealthReport(url, False))
+
+
+def _is_refused(exc: BaseException) -> bool:
+    """Connection refused (nothing listens), as opposed to a timeout or no route to the host."""
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _drain(q: queue.Queue) -> list:

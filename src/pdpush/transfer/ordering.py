@@ -22,6 +22,9 @@ and ALL_DEVICES (200) already order the writes for the owning device: the flush 
     fence.after_writes()                   # call once the WRITE / its notification arrived
     fence.ordering, fence.needs_flush      # what was read and decided, for logs and reports
 
+`delay_stream(us)` enqueues a GPU sleep on the current stream: tests of the sender rule use it to
+keep a layer's KV write pending while its WRITE could already be posted.
+
 `ReceiveFence.for_device(None)` is the CPU fence (no GPU, nothing to flush). Both classes take
 their CUDA objects as arguments so the logic is tested without CUDA.
 """
@@ -37,6 +40,10 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 ORDERING_NONE = 0
 ORDERING_OWNER = 100
 ORDERING_ALL_DEVICES = 200
+
+# torch.cuda._sleep counts SM clock cycles: 1980 per µs at the H200's 1.98 GHz boost clock (a
+# lower clock sleeps longer, which only makes a delay meant to expose a race longer).
+SLEEP_CYCLES_PER_US = 1980
 
 _NOTHING = object()  # "no item carried over" (None is the stop sentinel)
 
@@ -180,6 +187,14 @@ class OrderedPoster(Generic[J, R]):
             seqs.append(item[0])
             jobs.append(item[2])
         return _NOTHING
+
+
+def delay_stream(us: float) -> None:
+    """Enqueue a kernel that spins about `us` µs on the current CUDA stream, so that every kernel
+    enqueued after it on that stream (e.g. the next layer's KV write) starts that much later."""
+    import torch
+
+    torch.cuda._sleep(int(us * SLEEP_CYCLES_PER_US))
 
 
 class ReceiveFence:

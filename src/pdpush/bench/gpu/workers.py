@@ -22,7 +22,7 @@ from pdpush.bench.gpu.shapes import SHAPES, KVCaches, layer_content
 from pdpush.transfer.engine import (DRAM, VRAM, EngineConfig, MemRegion, TransferEngine,
                                     TransferState)
 from pdpush.transfer.layout import RunPlan, byte_runs, merge_adjacent
-from pdpush.transfer.ordering import LayerJob, OrderedPoster, ReceiveFence
+from pdpush.transfer.ordering import LayerJob, OrderedPoster, ReceiveFence, delay_stream
 
 log = logging.getLogger("pdpush.bench.gpu")
 
@@ -173,7 +173,7 @@ class PushSide(Side):
     def _compute_layer(self, layer: int, index: Any, seed: int, slow_ms: float) -> None:
         """Stand-in for a prefill layer: `slow_ms` of GPU time, then its KV written."""
         if self.device.type == "cuda" and slow_ms:
-            torch.cuda._sleep(int(slow_ms * 1.98e6))  # about slow_ms at the H200's clock
+            delay_stream(slow_ms * 1000)
         shape = self.caches.shape
         self.caches.layers[layer][index] = layer_content(shape, seed, layer, len(index),
                                                          self.device)

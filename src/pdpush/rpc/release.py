@@ -1,0 +1,46 @@
+"""D's question to P about blocks it holds: "may I release request X?" (the explicit answer).
+
+D asks with an ordinary one-token completion whose `kv_transfer_params` carry RELEASE_KEY = D's
+request id (vLLM's API server has no room for a custom endpoint; P's connector sees every
+request in its scheduler). P answers in the response's `kv_transfer_params[RELEASED_KEY]`:
+True when it tracks no push of X, and from then on refuses any push of X that reaches it later
+(a tombstone: the do_prefill may still be on its way, or queued in P's server); False while a
+push of X is still outstanding (D asks again later; P's notification will come).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+RELEASE_KEY = "pdpush_release"
+RELEASED_KEY = "pdpush_released"
+TOMBSTONE_TTL_S = 3600.0  # far longer than any do_prefill can stay in flight
+
+
+def release_query(params: dict[str, Any] | None) -> str | None:
+    """D's request id when this completion is D's release question, else None."""
+    value = (params or {}).get(RELEASE_KEY)
+    return value if isinstance(value, str) and value else None
+
+
+def release_body(d_req_id: str) -> dict[str, Any]:
+    """The completion D sends to ask (one prompt token, one output token)."""
+    return {"prompt": [0], "max_tokens": 1, "temperature": 0.0,
+            "kv_transfer_params": {RELEASE_KEY: d_req_id}}
+
+
+@dataclass
+class Tombstones:
+    """D requests P answered "released" for: a push of them arriving later is refused."""
+
+    _until: dict[str, float] = field(default_factory=dict)
+
+    def add(self, d_req_id: str) -> None:
+        now = time.monotonic()
+        self._until = {k: t for k, t in self._until.items() if t > now}
+        self._until[d_req_id] = now + TOMBSTONE_TTL_S
+
+    def __contains__(self, d_req_id: str) -> bool:
+        return self._until.get(d_req_id, 0.0) > time.monotonic()
