@@ -254,6 +254,18 @@ class LocalCluster(_Started):
         return placed_server(name, self.model, self.gpus, prefill_index, kv_transfer_config=kv_config,
                              extra_args=args, log_dir=self.log_dir, max_model_len=self.max_model_len)
 
+    @property
+    def servers(self) -> list[VllmServer]:
+        return [*self.prefills, *([self.decode] if self.decode else [])]
+
+    def wait_healthy(self, timeout_s: float = 300.0) -> None:
+        for server in self.servers:
+            server.wait_healthy(timeout_s)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
 
 def kv_cache_settings(gib: float | None, gpus: GpuPlacement | None) -> tuple[dict[str, str], list[str]]:
     """(env, args) giving a server a KV cache of `gib` GiB: on a GPU --kv-cache-memory-bytes
@@ -275,15 +287,3 @@ def placed_server(name: str, model: Path, gpus: GpuPlacement | None, prefill_ind
     p_cores = list(range(1, os.cpu_count() or 2)) or [0]
     core = 0 if prefill_index is None else p_cores[prefill_index % len(p_cores)]
     return VllmServer(name, model, cpu_core=core, **kwargs)
-
-    @property
-    def servers(self) -> list[VllmServer]:
-        return [*self.prefills, *([self.decode] if self.decode else [])]
-
-    def wait_healthy(self, timeout_s: float = 300.0) -> None:
-        for server in self.servers:
-            server.wait_healthy(timeout_s)
-
-    def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
