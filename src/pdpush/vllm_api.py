@@ -49,26 +49,31 @@ def _vllm() -> SimpleNamespace:
         def __init__(self, step: Any) -> None:
             self.step = step
 
-    # Pickled between the scheduler and worker processes: found again as pdpush.vllm_api.StepMeta
-    # (module __getattr__ below), the same class object in every process.
-    StepMeta.__qualname__ = "StepMeta"
-    StepMeta.__module__ = __name__
-
     class WorkerMeta(base.KVConnectorWorkerMetadata):
-        """Worker → scheduler, per step: D requests whose P notification arrived, with how
-        many ranks saw it (summed over ranks by `aggregate`)."""
+        """Worker → scheduler, once per step. `notified`: D requests whose P notification
+        arrived, with how many ranks saw it (summed over ranks: what releases blocks held at the
+        lease's end, connector/quarantine.py). `arrivals`: {req_id: (arrival, P's offsets)} of KV
+        arrivals, ranks merged keeping the latest (the KV is in once every rank has it)."""
 
-        def __init__(self, notified: dict[str, int]) -> None:
+        def __init__(self, notified: dict[str, int], arrivals: dict[str, Any]) -> None:
             self.notified = notified
+            self.arrivals = arrivals
 
-        def aggregate(self, other: "WorkerMeta") -> "WorkerMeta":
+        def aggregate(self, other: Any) -> Any:
             notified = dict(self.notified)
             for req_id, n in other.notified.items():
                 notified[req_id] = notified.get(req_id, 0) + n
-            return WorkerMeta(notified)
+            arrivals = dict(self.arrivals)
+            for req_id, arrival in other.arrivals.items():
+                if req_id not in arrivals or arrival[0] > arrivals[req_id][0]:
+                    arrivals[req_id] = arrival
+            return WorkerMeta(notified, arrivals)
 
-    WorkerMeta.__qualname__ = "WorkerMeta"
-    WorkerMeta.__module__ = __name__
+    # Pickled between the scheduler and worker processes: found again as pdpush.vllm_api.StepMeta
+    # (module __getattr__ below), the same class object in every process.
+    for cls in (StepMeta, WorkerMeta):
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
 
     return SimpleNamespace(base=base, StepMeta=StepMeta, WorkerMeta=WorkerMeta,
                            ConnectorBase=connector_base(base))
@@ -282,26 +287,49 @@ class Transfers:
     notified: dict[str, int] = field(default_factory=dict)
     # D: the blocks P was to fill (from skip_tokens on) of the failed requests
     failed_blocks: set[int] = field(default_factory=set)
+    # D: req_id -> (monotonic time D's worker saw P's notification, P's WRITE offsets in ms)
+    arrivals: dict[str, tuple[float, tuple[float, ...]]] = field(default_factory=dict)
 
 
 def from_connector_output(output: Any) -> Transfers:
     """vLLM's KVConnectorOutput. Failures come back as `failed_recving` (vLLM 0.32) or only as
-    `invalid_block_ids` (vLLM 0.26, where 0.32 also reports them for other connectors' loads)."""
+    `invalid_block_ids` (vLLM 0.26, where 0.32 also reports them for other connectors' loads).
+    `kv_connector_worker_meta` (the workers' WorkerMeta, merged) is in both 0.26 and 0.32."""
     meta = getattr(output, "kv_connector_worker_meta", None)
     return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
                      set(getattr(output, "failed_recving", None) or ()),
                      dict(getattr(meta, "notified", None) or {}),
-                     set(output.invalid_block_ids or ()))
+                     set(output.invalid_block_ids or ()),
+                     dict(getattr(meta, "arrivals", None) or {}))
 
 
-def worker_meta(notified: dict[str, int]) -> Any:
-    """vLLM's KVConnectorWorkerMetadata carrying `Transfers.notified` (None when empty)."""
-    return _vllm().WorkerMeta(notified) if notified else None
+def worker_meta(notified: dict[str, int], arrivals: dict[str, Any]) -> Any:
+    """vLLM's KVConnectorWorkerMetadata carrying `Transfers.notified` and the step's arrivals;
+    None when both are empty, so an idle step's output stays empty."""
+    return _vllm().WorkerMeta(notified, arrivals) if notified or arrivals else None
 
 
 # -- /metrics --------------------------------------------------------------------------------
 WAITING_REQUESTS = "vllm:num_requests_waiting"
 PROMPT_TOKENS_TOTAL = "vllm:prompt_tokens_total"
+
+
+def metric_sum(text: str, name: str) -> float:
+    """One sample's value summed over its label sets, by scanning only the lines that start with
+    it. D reads P's queue this way at every health check: parse_metrics on vLLM's ~90 kB /metrics
+    holds the GIL of D's scheduler process for ~30 ms (a step's worth), this for ~1 ms.
+    ValueError for a matching line that is not Prometheus text."""
+    total, start = 0.0, 0
+    while (i := text.find(name, start)) >= 0:
+        end = text.find("\n", i)
+        end = len(text) if end < 0 else end
+        start = end
+        if i and text[i - 1] != "\n" or text[i + len(name):i + len(name) + 1] not in ("{", " "):
+            continue  # inside another line, or a longer name
+        line = text[i:end]
+        rest = line[line.rindex("}") + 1:] if line[len(name)] == "{" else line[len(name):]
+        total += float(rest.split()[0])
+    return total
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -91,3 +91,26 @@ def test_rx_is_binned_per_second_of_the_round():
     steps = [{"t": 10.2, "rx_bytes": 2_000_000}, {"t": 10.7, "rx_bytes": 1_000_000},
              {"t": 12.5, "rx_bytes": 500_000}, {"t": 12.6, "rx_bytes": None}]  # fmt: skip
     assert rx_per_second(steps, Round("qps1", 1, 10.0, 12.9)) == [(0.0, 3.0), (1.0, 0.0), (2.0, 0.5)]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_servers_are_placed_on_cpu_cores_or_the_gpu(device, tmp_path, monkeypatch):
+    from pdpush.bench.interference import cli as icli
+    from pdpush.local.cluster import VllmServer
+
+    started = []
+    monkeypatch.setattr(VllmServer, "start", lambda self: started.append(self) or self)
+    monkeypatch.setattr(VllmServer, "wait_healthy", lambda self, timeout_s=0: None)
+    monkeypatch.setattr(VllmServer, "stop", lambda self, grace_s=0: None)
+    monkeypatch.setattr("pdpush.local.up.cuda_device_count", lambda: 1)
+    argv = ["bench", "interference", "--device", device, "--kv-cache-gib", "8", "--model", str(tmp_path),
+            "--engine-args", "--dtype bfloat16", "--out", str(tmp_path)]
+    with icli.one_p_one_d(build_parser(argv).parse_args(argv), tmp_path / "steps.jsonl"):
+        pass
+    prefill, decode = started
+    assert "--dtype" in decode.command() and "--dtype" in prefill.command()
+    if device == "cuda":
+        assert (prefill.gpu, decode.gpu) == (0, 0) and "VLLM_CPU_KVCACHE_SPACE" not in decode.env
+        assert str(8 * 2**30) in decode.command()  # fixed KV cache: --kv-cache-memory-bytes
+    else:
+        assert (prefill.cpu_core, decode.cpu_core) == (1, 0) and decode.env["VLLM_CPU_KVCACHE_SPACE"] == "8"

@@ -42,7 +42,9 @@ def arrived(sched, req_id, first_token=7):
 
 def finish(sched, req, d_token):
     req.output_token_ids = [d_token]
-    return sched.request_finished(req)[1]["pdpush"]
+    placement = sched.request_finished(req)[1]["pdpush"]
+    placement.pop("timing")  # stage timings (connector/timing.py): not what these tests check
+    return placement
 
 
 # -- item 10: get_num_new_matched_tokens may be called twice -----------------------------------

@@ -40,7 +40,9 @@ def test_short_prompt_is_local_and_answers_where(sched):
     req = request("a", 10)
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
     req.output_token_ids = [3]
-    assert sched.request_finished(req) == (False, {"pdpush": {"prefill": "local", "reason": "short"}})
+    held, params = sched.request_finished(req)
+    assert params["pdpush"].pop("timing")["d_ms"] == {}  # never scheduled here: no first step
+    assert (held, params) == (False, {"pdpush": {"prefill": "local", "reason": "short"}})
     assert sched.counters.local == 1
 
 

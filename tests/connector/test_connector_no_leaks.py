@@ -178,7 +178,9 @@ def drive(d_sched, d_worker, p_side, kinds) -> None:
         for req_id in [r for r in meta.expect if kinds[r] == "abort_waiting"]:
             assert d_sched.request_finished(running.pop(req_id))[0] is True  # blocks held
         p_side.step()
-        d_sched.update_connector_output(through_vllm(d_worker.transfer_results(set())))
+        transfers = through_vllm(d_worker.transfer_results(set()))
+        transfers.arrivals = d_worker.take_arrivals()  # vLLM: build_connector_worker_meta
+        d_sched.update_connector_output(transfers)
         for req_id, view in list(running.items()):
             rec = d_sched._requests.get(req_id)
             if rec is None or rec.status.name in ("READY", "LOCAL", "FALLBACK"):

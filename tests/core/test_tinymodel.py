@@ -54,3 +54,14 @@ def test_weights_depend_on_seed(tmp_path):
     key = "model.embed_tokens.weight"
     assert a[key].std() > 0.5  # N(0, 1) embeddings, not the loader's flat init
     assert (a[key] != b[key]).any()
+
+
+def test_config_only_folder_for_dummy_weights(tmp_path):
+    from pdpush.local.tinymodel import QWEN2_7B_SHAPE
+
+    path = ensure_tiny_model(tmp_path / "m", QWEN2_7B_SHAPE, weights=False)
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 28 and config["num_key_value_heads"] == 4
+    assert config["hidden_size"] // config["num_attention_heads"] == 128  # head_dim
+    assert not list(path.glob("*.safetensors"))
+    assert (path / "tokenizer.json").exists()

@@ -16,6 +16,8 @@ import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pdpush.connector.timing import DecodeTimes
+
 
 class Status(enum.Enum):
     CHOSEN = "chosen"  # the policy picked a P; vLLM has not allocated blocks yet
@@ -39,6 +41,7 @@ class Placement:
     error: str | None = None  # why the remote prefill failed
     first_token_mismatch: bool | None = None  # greedy: P's first token differs from D's
     pdpush_error: str | None = None  # the client's kv_transfer_params were malformed
+    timing: dict[str, Any] | None = None  # stage offsets (pdpush.connector.timing.DecodeTimes)
 
     def to_params(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -59,3 +62,5 @@ class DecodeRequest:
     aborted: bool = False  # the client went away while waiting for KV
     p_answered: bool = False  # P's do_prefill outcome arrived
     d_first_token: int | None = None
+    times: DecodeTimes | None = None
+    recent: dict[str, Any] | None = None  # its entry in /stats `recent`, once finished

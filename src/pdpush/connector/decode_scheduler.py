@@ -14,8 +14,9 @@ Life of a remote prefill on D (request R), by vLLM hook:
    clock), the workers are told to give R up. When the lease ran out without P's word, the blocks
    P may write are held first (connector/quarantine.py), so that vLLM recomputing or failing R
    never hands them to another request while a WRITE may still land.
-5. `request_finished`: R's placement goes back to the client as `kv_transfer_params.pdpush` and
-   the record is dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or
+5. `request_finished`: R's placement goes back to the client as `kv_transfer_params.pdpush` (with
+   the stage timings of pdpush.connector.timing, also kept for /stats) and the record is
+   dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or
    plain greedy with P's first token still unknown (AWAITING_P_TOKEN until P's answer is
    compared; with on_first_token_mismatch other than "log" its blocks leave the prefix cache).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from pdpush.connector.metadata import (
 )
 from pdpush.connector.quarantine import Quarantine
 from pdpush.connector.stats import serve_scheduler_stats
+from pdpush.connector.timing import DecodeTimes
 from pdpush.policy import Policy
 from pdpush.probe import batch_stats_from
 from pdpush.rpc.prefill_client import (
@@ -42,6 +45,7 @@ from pdpush.rpc.prefill_client import (
 from pdpush.vllm_api import BlockAccess, RequestView, Sampling, StepView, Transfers
 
 log = logging.getLogger("vllm.pdpush.decode")  # under vllm: shown in its log
+RECENT_TIMINGS = 128  # finished requests whose stage timings /stats shows
 
 
 @dataclass
@@ -69,6 +73,8 @@ class DecodeScheduler:
     blocks: BlockAccess | None = None  # D's KV cache manager (prefix-cache eviction)
     _requests: dict[str, DecodeRequest] = field(default_factory=dict)
     _expect: dict[str, list[int]] = field(default_factory=dict)  # for the next step's workers
+    _before_first_step: set[str] = field(default_factory=set)  # prefilled, not yet scheduled
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_TIMINGS))
 
     def __post_init__(self) -> None:
         self.policy = Policy.for_urls(self.config.policy_config(), self.config.prefill_urls)
@@ -82,10 +88,11 @@ class DecodeScheduler:
         rec = self._requests.get(req_id)
         if rec is not None and rec.status in (Status.WAITING_FOR_KV, Status.FALLBACK):
             return 0, False
+        decided = rec.times.decided if rec is not None and rec.times else time.monotonic()
         try:
             mode, tokens = self._client_hint(request)
         except ParamsError as exc:
-            self._local(req_id, Placement("local", pdpush_error=str(exc)))
+            self._local(req_id, Placement("local", pdpush_error=str(exc)), decided)
             return 0, False
         uncached = request.num_prompt_tokens - num_computed
         if mode == "local":
@@ -98,10 +105,11 @@ class DecodeScheduler:
             decision = self.policy.choose(uncached, time.monotonic(), force_remote=mode == "remote")
             url, reason = decision.url, decision.reason
         if url is None:
-            self._local(req_id, Placement("local", reason=reason))
+            self._local(req_id, Placement("local", reason=reason), decided)
             return 0, False
         self._requests[req_id] = DecodeRequest(req_id, Status.CHOSEN, url=url,
-                                               foreign_kv=tokens is not None)
+                                               foreign_kv=tokens is not None,
+                                               times=DecodeTimes(decided))
         return uncached, True
 
     def update_state_after_alloc(self, request: RequestView, block_ids: list[int],
@@ -149,6 +157,8 @@ class DecodeScheduler:
                 rec.give_up = True
             if rec.give_up:
                 give_up.append(rec.req_id)
+        if step is not None and self._before_first_step:
+            self._note_first_steps(step)
         for req_id, url in self.quarantine.to_ask(now, self.config.health_interval_s):
             self.client.ask_release(url, req_id)
         meta = DecodeStepMeta(expect=self._expect, give_up=give_up)
@@ -158,6 +168,7 @@ class DecodeScheduler:
         return meta
 
     def update_connector_output(self, transfers: Transfers) -> None:
+        now = time.monotonic()
         self._collect_rpc()
         self.quarantine.confirmed(transfers.notified)
         for req_id, n in transfers.notified.items():
@@ -167,6 +178,10 @@ class DecodeScheduler:
             rec = self._requests.get(req_id)
             if rec is None or rec.status is not Status.WAITING_FOR_KV:
                 continue
+            if rec.times is not None:
+                rec.times.kv_seen = now
+                rec.times.kv_notif, rec.times.p_worker = transfers.arrivals.get(req_id, (0.0, ()))
+            self._before_first_step.add(req_id)
             if rec.aborted:
                 self._drop(rec)  # vLLM frees R's blocks now: nothing more to track
             elif req_id in transfers.failed or not transfers.failed_blocks.isdisjoint(
@@ -197,6 +212,10 @@ class DecodeScheduler:
         self.counters.local += rec.placement.prefill == "local"
         if rec.foreign_kv and rec.status is Status.READY:
             self._evict(rec)
+        if rec.times is not None:
+            rec.placement.timing = rec.times.to_params()
+            rec.recent = {"prefill": rec.placement.prefill, **rec.placement.timing}
+            self.recent.append(rec.recent)
         self._check_first_token(rec, request.output_token_ids)
         if rec.status is not Status.AWAITING_P_TOKEN:
             self._drop(rec)
@@ -222,7 +241,7 @@ class DecodeScheduler:
                  for p in self.policy.peers.values()}
         waiting = sum(r.status is Status.WAITING_FOR_KV for r in self._requests.values())
         return {**asdict(self.counters), "waiting_for_kv": waiting, **self.quarantine.stats(),
-                "prefills": peers}
+                "prefills": peers, "recent": list(self.recent)}
 
     def close(self) -> None:
         self.client.close()
@@ -234,6 +253,21 @@ class DecodeScheduler:
     def _drop(self, rec: DecodeRequest) -> None:
         rec.status = Status.DONE
         del self._requests[rec.req_id]
+        self._before_first_step.discard(rec.req_id)
+
+    def _local(self, req_id: str, placement: Placement, decided: float) -> None:
+        self._requests[req_id] = DecodeRequest(req_id, Status.LOCAL, placement,
+                                               times=DecodeTimes(decided))
+        self._before_first_step.add(req_id)
+
+    def _note_first_steps(self, step: StepView) -> None:
+        """The first step that runs a prefilled (or local) request: D's side of its TTFT."""
+        now = time.monotonic()
+        for req_id in [r for r in self._before_first_step if r in step.scheduled]:
+            self._before_first_step.discard(req_id)
+            rec = self._requests.get(req_id)
+            if rec is not None and rec.times is not None:
+                rec.times.first_step = now
 
     def _client_hint(self, request: RequestView) -> tuple[str, list[int] | None]:
         """The client's routing hint; tokens for P (test seam) also need the request's own
@@ -247,9 +281,6 @@ class DecodeScheduler:
         """Take R's pushed blocks out of D's prefix cache (no-op for blocks not cached)."""
         if self.blocks is not None and rec.push_blocks:
             self.blocks.evict(rec.push_blocks)
-
-    def _local(self, req_id: str, placement: Placement) -> None:
-        self._requests[req_id] = DecodeRequest(req_id, Status.LOCAL, placement)
 
     def _collect_rpc(self) -> None:
         # In the order they happened, each at the time it was known: an old failed outcome must
@@ -285,6 +316,10 @@ class DecodeScheduler:
         if rec is None or rec.placement is None:
             return
         rec.p_answered = True
+        if rec.times is not None:
+            rec.times.sent, rec.times.answered, rec.times.p_sched = result.sent_at, result.at, result.p_ms
+            if rec.recent is not None:  # P answered after D finished: /stats still gets it
+                rec.recent.update(rec.times.to_params())
         if rec.status is Status.AWAITING_P_TOKEN:
             self._drop(rec)
             if result.first_token is not None and rec.d_first_token is not None:

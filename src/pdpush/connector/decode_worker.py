@@ -8,6 +8,8 @@ notification of P's, also one that comes after the give-up, is reported (`Transf
 it is what frees blocks the scheduler held at the lease's end (connector/quarantine.py).
 The failed ones come with the D blocks P was to fill (vLLM 0.26 learns of a failure only
 from those blocks).
+When each notification arrived (and P's WRITE timings it carries) goes back to the scheduler
+with the step's output (`arrivals`, pdpush.connector.timing).
 On the first rank it also runs the step probe (pdpush.probe) around each forward, when
 configured: `bind` opens the step, `wait_for_save` closes it (steps without a forward are not
 opened: vLLM 0.26 calls no wait_for_save for them).
@@ -53,6 +55,7 @@ class DecodeWorker:
         self._failed: set[str] = set()
         self._notified: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._arrivals: dict[str, tuple[float, tuple[float, ...]]] = {}
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
@@ -89,7 +92,7 @@ class DecodeWorker:
         for req_id in meta.expect:
             early = self._early.pop(req_id, None)
             if early is not None:
-                self._settle(early[0])
+                self._settle(early[0], early[1])
         for req_id in meta.give_up:
             if req_id in self._expected:
                 self._fail(req_id)
@@ -114,6 +117,11 @@ class DecodeWorker:
         self._done, self._failed, self._notified, self._failed_blocks = set(), set(), set(), set()
         return result
 
+    def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]:
+        """Notifications settled since the last call: (D's monotonic arrival, P's offsets)."""
+        arrivals, self._arrivals = self._arrivals, {}
+        return arrivals
+
     def _poll(self) -> None:
         if self.engine is None:
             return
@@ -125,14 +133,15 @@ class DecodeWorker:
                     continue
                 self._notified.add(notif.d_req_id)
                 if notif.d_req_id in self._expected:
-                    self._settle(notif)
+                    self._settle(notif, now)
                 else:
                     self._early[notif.d_req_id] = (notif, now)
         stale = [r for r, (_, t) in self._early.items() if now - t > EARLY_NOTIF_TTL_S]
         for req_id in stale:
             del self._early[req_id]
 
-    def _settle(self, notif: Notif) -> None:
+    def _settle(self, notif: Notif, arrived: float) -> None:
+        self._arrivals[notif.d_req_id] = (arrived, notif.times)
         self.rx_bytes += notif.nbytes
         if notif.ok:
             del self._expected[notif.d_req_id]

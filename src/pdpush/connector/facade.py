@@ -75,8 +75,10 @@ class PdpushConnector(api.ConnectorBase):
         return transfers
 
     def build_connector_worker_meta(self) -> Any:
+        """The step's P notifications (lease releases) and KV arrival times (TTFT breakdown),
+        to the scheduler half."""
         notified, self._notified = self._notified, {}
-        return api.worker_meta(notified)
+        return api.worker_meta(notified, self.worker.take_arrivals())
 
     def shutdown(self) -> None:
         for half in (getattr(self, "sched", None), getattr(self, "worker", None)):

@@ -49,6 +49,9 @@ class WorkerHalf(Protocol):
 
     def transfer_results(self, finished_req_ids: set[str]) -> Transfers: ...
 
+    # D: {req_id: (monotonic arrival of P's notification, P's WRITE offsets)} since the last call
+    def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]: ...
+
     def close(self) -> None: ...
 
 

@@ -121,6 +121,7 @@ class PushTask:
     p_block_ids: list[int]
     d_block_ids: list[int]
     last: bool  # the prompt completes this step: send the notification after these WRITEs
+    admitted: float = 0.0  # P's monotonic clock when its scheduler took the request (timing)
     post_until: float = float("inf")  # time.monotonic() on P after which no WRITE is posted
 
 
@@ -152,6 +153,8 @@ class Notif:
     ok: bool
     nbytes: int = 0
     reason: str = ""
+    # P worker's stage offsets in ms (pdpush.connector.timing.P_WORKER_STAGES); () if unknown
+    times: tuple[float, ...] = ()
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -161,6 +164,8 @@ class Notif:
         """None for anything that is not one of ours (NIXL peers may send other notifs)."""
         try:
             raw = json.loads(data)
-            return cls(str(raw["d_req_id"]), bool(raw["ok"]), int(raw["nbytes"]), str(raw["reason"]))
-        except (ValueError, KeyError, TypeError):
+            times = tuple(float(t) for t in raw.get("times", ()))
+            return cls(str(raw["d_req_id"]), bool(raw["ok"]), int(raw["nbytes"]), str(raw["reason"]),
+                       times)
+        except (ValueError, KeyError, TypeError, AttributeError):
             return None

@@ -22,6 +22,7 @@ from pdpush.connector.metadata import (
     ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
 )
 from pdpush.connector.stats import serve_scheduler_stats
+from pdpush.connector.timing import PushTimes
 from pdpush.vllm_api import BlockAccess, RequestView, StepView, Transfers
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
@@ -35,6 +36,7 @@ class Push:
     post_until: float = float("inf")  # P's monotonic clock: no WRITE posted after it
     planned_last: bool = False
     p_block_ids: list[int] = field(default_factory=list)  # P's blocks, from the steps (StepView)
+    times: PushTimes = field(default_factory=lambda: PushTimes(time.monotonic()))
 
 
 @dataclass
@@ -107,10 +109,12 @@ class PrefillScheduler:
             push = self._pushes.get(req_id)
             if push is not None:
                 push.p_block_ids = ids if req_id in step.resumed else push.p_block_ids + ids
+        now = time.monotonic()
         for req_id, (computed, num_new) in step.scheduled.items():
             push = self._pushes.get(req_id)
             if push is None or push.planned_last:
                 continue
+            push.times.prefill_start = push.times.prefill_start or now
             task = self.plan(req_id, push, computed + num_new)
             if task is not None:
                 meta.tasks.append(task)
@@ -127,9 +131,11 @@ class PrefillScheduler:
             return None
         push.next_block = max(start, end)
         push.planned_last = last
+        if last:
+            push.times.last_chunk = time.monotonic()
         p_ids = push.p_block_ids[start:end] if end > start else []
         return PushTask(req_id, push.target, p_ids, list(push.target.d_block_ids[start:end]), last,
-                        push.post_until)
+                        post_until=push.post_until, admitted=push.times.admitted)
 
     def request_finished(self, request: RequestView) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
@@ -145,7 +151,8 @@ class PrefillScheduler:
             self._stopped[req_id] = push.target
         self._held.add(req_id)
         self.pushed_requests += 1
-        return True, {"pdpush": {"pushed": push.planned_last}}
+        return True, {"pdpush": {"pushed": push.planned_last,
+                                 "p_ms": push.times.to_params(time.monotonic())}}
 
     def _unseen_push(self, request: RequestView) -> Push | None:
         """A push request aborted before P looked at it: still stop it, so D hears of it."""

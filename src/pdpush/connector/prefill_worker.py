@@ -25,6 +25,7 @@ from pdpush.connector.config import PdpushConfig
 from pdpush.connector.faults import FaultHooks
 from pdpush.connector.kv_region import LocalKV, RemoteKV
 from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTarget, PushTask
+from pdpush.connector.timing import WriteTimes
 from pdpush.rpc.json_server import get_json
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
 from pdpush.transfer.layout import RunPlan
@@ -48,6 +49,7 @@ class Outgoing:
     complete: bool = False  # the last task's WRITEs are all posted
     stopped: str = ""
     notified: bool = False
+    times: WriteTimes = field(default_factory=lambda: WriteTimes(0.0))
 
 
 @dataclass
@@ -90,7 +92,8 @@ class PrefillWorker:
         for task in meta.tasks:
             out = self._out.get(task.req_id)
             if out is None:
-                out = self._out[task.req_id] = Outgoing(task.target, task.post_until)
+                out = self._out[task.req_id] = Outgoing(task.target, task.post_until,
+                                                        times=WriteTimes(task.admitted))
                 out.peer = self._connect(task.target, out)
             if not out.stopped:
                 self._tasks.append(task)
@@ -216,6 +219,9 @@ class PrefillWorker:
                 del self._out[req_id]
         return Transfers(sent=released)
 
+    def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]:
+        return {}  # P receives no KV
+
     def _settled(self, req_id: str, out: Outgoing) -> bool:
         """Poll; once nothing is in flight or queued and the request is complete or stopped,
         notify D."""
@@ -225,6 +231,7 @@ class PrefillWorker:
                 if xfer.poll() is TransferState.PROC:
                     pending.append(xfer)
                     continue
+                out.times.last_done = time.monotonic()
                 out.nbytes += xfer.nbytes
             except TransferError as exc:
                 out.stopped = out.stopped or str(exc)
@@ -245,9 +252,11 @@ class PrefillWorker:
             self.faults.at(point)
 
     def _notify(self, req_id: str, out: Outgoing) -> None:
-        notif = Notif(out.target.d_req_id, not out.stopped, out.nbytes, out.stopped)
         if out.peer is None or self.engine is None:
             return
+        out.times.notified = time.monotonic()
+        notif = Notif(out.target.d_req_id, not out.stopped, out.nbytes, out.stopped,
+                      out.times.offsets())
         try:
             self.engine.notify(out.peer.agent, notif.encode())
         except TransferError as exc:
@@ -281,6 +290,7 @@ class PrefillWorker:
         if time.monotonic() > out.post_until:
             return job, None, "push budget spent: no more WRITEs (D will recompute)"
         self._fault("accepted" if out.posted == 1 else "between_layers")
+        out.times.posted(time.monotonic())
         try:
             assert self.engine is not None and self.kv is not None and out.peer is not None
             xfer = self.engine.write(out.peer.agent, job.runs, local=self.kv.placement,

@@ -52,9 +52,11 @@ def complete(
             if chunk.get("usage"):
                 usage_tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
-                if choice.get("text"):
+                # A token that ends inside a UTF-8 character streams as empty text; with
+                # `return_token_ids` its chunk still carries the token.
+                if choice.get("text") or choice.get("token_ids"):
                     token_times.append(time.perf_counter())
-                    text.append(choice["text"])
+                    text.append(choice.get("text") or "")
     end = time.perf_counter()
     if not token_times:
         raise RuntimeError(f"{base_url}: the stream ended without a token")

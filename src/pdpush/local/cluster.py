@@ -37,6 +37,34 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+@dataclass(frozen=True)
+class GpuPlacement:
+    """P and D on CUDA GPUs: which device each gets and the share of its memory each takes.
+
+    On one GPU (p_gpu == d_gpu) both engines share it, so each takes `share` of its memory
+    (vLLM's --gpu-memory-utilization; the two shares must leave room for both). On separate GPUs
+    each engine takes `separate_share`. No CPU settings apply (core pinning, CPU KV cache size);
+    block size and CUDA graphs stay vLLM's defaults, and P gets piecewise graphs from the
+    connector (PdpushConnector.requires_piecewise_for_cudagraph).
+    """
+
+    p_gpus: tuple[int, ...] = (0,)  # P i runs on p_gpus[i % len(p_gpus)]
+    d_gpu: int = 0
+    share: float = 0.3
+    separate_share: float = 0.85
+
+    def for_prefill(self, index: int) -> tuple[int, float]:
+        gpu = self.p_gpus[index % len(self.p_gpus)]
+        return gpu, self._share(gpu)
+
+    def for_decode(self) -> tuple[int, float]:
+        return self.d_gpu, self._share(self.d_gpu)
+
+    def _share(self, gpu: int) -> float:
+        shared = [*self.p_gpus, self.d_gpu].count(gpu) > 1
+        return self.share if shared else self.separate_share
+
+
 class ServerError(RuntimeError):
     """A server exited or did not become healthy in time."""
 
@@ -72,6 +100,8 @@ class VllmServer(_Started):
     ("auto") each engine binds threads to every core of the node, so two engines on a 2-core
     machine share both cores and D's decode step waits on P's prefill; one core each keeps them
     apart.
+    `gpu` runs it on that CUDA device instead (CUDA_VISIBLE_DEVICES) with `gpu_share` of its
+    memory, and none of the CPU settings.
     `kv_transfer_config` is passed as `--kv-transfer-config` JSON. Output goes to `log_path`.
     """
 
@@ -80,6 +110,8 @@ class VllmServer(_Started):
     port: int = field(default_factory=free_port)
     kv_transfer_config: dict | None = None
     cpu_core: int | None = None
+    gpu: int | None = None
+    gpu_share: float = 0.3
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     log_dir: Path = Path("out/logs")
@@ -100,7 +132,8 @@ class VllmServer(_Started):
             "--model", str(self.model), "--served-model-name", "pdpush",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--max-model-len", str(self.max_model_len),
-            "--gpu-memory-utilization", "0.2", "--seed", "0",
+            "--gpu-memory-utilization", str(self.gpu_share if self.gpu is not None else 0.2),
+            "--seed", "0",
         ]
         if self.kv_transfer_config is not None:
             cmd += ["--kv-transfer-config", json.dumps(self.kv_transfer_config)]
@@ -108,9 +141,12 @@ class VllmServer(_Started):
 
     def start(self) -> "VllmServer":
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **CPU_DEFAULTS, **self.env}
-        if self.cpu_core is not None:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
+        if self.gpu is not None:
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(self.gpu), **self.env}
+        else:
+            env = {**os.environ, **CPU_DEFAULTS, **self.env}
+            if self.cpu_core is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.cpu_core)
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -176,7 +212,9 @@ class LocalCluster(_Started):
     right after start-up would all be prefilled locally.
 
     Cores: D gets core 0 and the Ps share the remaining cores (all of them on core 1 on a 2-core
-    machine), so P's prefill never competes with D's decode for a core.
+    machine), so P's prefill never competes with D's decode for a core. With `gpus` the servers run
+    on CUDA devices instead (GpuPlacement), started one after the other there too: vLLM sizes its
+    KV cache from the memory it finds free, which another engine loading meanwhile would skew.
     """
 
     model: Path
@@ -187,29 +225,34 @@ class LocalCluster(_Started):
     # A small token budget on P, so a long prompt is prefilled (and pushed) in several chunks.
     prefill_args: list[str] = field(default_factory=lambda: ["--max-num-batched-tokens", "512"])
     log_dir: Path = Path("out/logs")
+    gpus: GpuPlacement | None = None
+    max_model_len: int = 4096
     prefills: list[VllmServer] = field(default_factory=list, init=False)
     decode: VllmServer | None = field(default=None, init=False)
 
     def start(self) -> "LocalCluster":
         from pdpush.connector.config import decode_kv_config, prefill_kv_config
 
-        cores = os.cpu_count() or 2
-        p_cores = list(range(1, cores)) or [0]
         self.prefills = [
-            VllmServer(f"P{i}", self.model, kv_transfer_config=prefill_kv_config(**self.prefill_opts),
-                       cpu_core=p_cores[i % len(p_cores)], extra_args=self.prefill_args,
-                       log_dir=self.log_dir)
+            self.server(f"P{i}", prefill_kv_config(**self.prefill_opts), self.prefill_args, i)
             for i in range(self.num_prefill)
         ]
         urls = [p.url for p in self.prefills]
-        self.decode = VllmServer("D", self.model, kv_transfer_config=decode_kv_config(urls, **self.decode_opts),
-                                 cpu_core=0, extra_args=self.decode_args, log_dir=self.log_dir)
+        self.decode = self.server("D", decode_kv_config(urls, **self.decode_opts), self.decode_args)
         for server in self.prefills:
             server.start()
+            if self.gpus is not None:
+                server.wait_healthy()
         for server in self.prefills:
             server.wait_healthy()
         self.decode.start()
         return self
+
+    def server(self, name: str, kv_config: dict | None, args: list[str],
+               prefill_index: int | None = None) -> VllmServer:
+        """A server of this cluster's model, placement and limits (prefill_index None: D's)."""
+        return placed_server(name, self.model, self.gpus, prefill_index, kv_transfer_config=kv_config,
+                             extra_args=args, log_dir=self.log_dir, max_model_len=self.max_model_len)
 
     @property
     def servers(self) -> list[VllmServer]:
@@ -222,3 +265,25 @@ class LocalCluster(_Started):
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+def kv_cache_settings(gib: float | None, gpus: GpuPlacement | None) -> tuple[dict[str, str], list[str]]:
+    """(env, args) giving a server a KV cache of `gib` GiB: on a GPU --kv-cache-memory-bytes
+    (which also skips vLLM's memory profiling), on the CPU VLLM_CPU_KVCACHE_SPACE (whole GiB)."""
+    if not gib:
+        return {}, []
+    if gpus is not None:
+        return {}, ["--kv-cache-memory-bytes", str(int(gib * 2**30))]
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gib)))}, []
+
+
+def placed_server(name: str, model: Path, gpus: GpuPlacement | None, prefill_index: int | None,
+                  **kwargs) -> VllmServer:
+    """A server in a P slot (prefill_index) or D's (None): its GPU and memory share with `gpus`,
+    else its CPU core (D core 0, the Ps the others), as LocalCluster places them."""
+    if gpus is not None:
+        gpu, share = gpus.for_decode() if prefill_index is None else gpus.for_prefill(prefill_index)
+        return VllmServer(name, model, gpu=gpu, gpu_share=share, **kwargs)
+    p_cores = list(range(1, os.cpu_count() or 2)) or [0]
+    core = 0 if prefill_index is None else p_cores[prefill_index % len(p_cores)]
+    return VllmServer(name, model, cpu_core=core, **kwargs)

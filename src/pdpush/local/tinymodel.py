@@ -32,20 +32,30 @@ class TinySpec:
     seed: int = 0
 
 
-def ensure_tiny_model(path: Path | str | None = None, spec: TinySpec = TinySpec()) -> Path:
+# Qwen2-7B's shape (28 layers, hidden 3584, 28 query / 4 KV heads of 128, MLP 18944) with the byte
+# tokenizer's 32000-token vocabulary, for GPU benchmarks served with `--load-format dummy`: a
+# 7B-sized forward and KV (57 KiB per token in bf16) with nothing to download or generate.
+QWEN2_7B_SHAPE = TinySpec(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, vocab_size=32000,
+                          max_position_embeddings=32768)
+
+
+def ensure_tiny_model(path: Path | str | None = None, spec: TinySpec = TinySpec(),
+                      weights: bool = True) -> Path:
     """Create the model folder once (config, safetensors weights, tokenizer); return its path.
+    Without `weights` only config.json is written: the folder is for vLLM's `--load-format dummy`.
 
     A folder is reused only if it was made from the same spec, so a changed spec never serves stale
     weights. Writing goes to a temporary folder renamed into place, so a crash leaves nothing half-made.
     """
     target = Path(path) if path else DEFAULT_DIR
-    stamp = json.dumps(asdict(spec), sort_keys=True)
+    stamp = json.dumps({**asdict(spec), **({} if weights else {"weights": False})}, sort_keys=True)
     if (target / "pdpush-spec.json").exists() and (target / "pdpush-spec.json").read_text() == stamp:
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(tmp, spec)
-    _write_weights(tmp, spec)
+    _write_weights(tmp, spec, weights)
     (tmp / "pdpush-spec.json").write_text(stamp)
     if target.exists():
         import shutil
@@ -78,7 +88,7 @@ def _write_tokenizer(folder: Path, spec: TinySpec) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
 
-def _write_weights(folder: Path, spec: TinySpec) -> None:
+def _write_weights(folder: Path, spec: TinySpec, weights: bool = True) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -90,6 +100,9 @@ def _write_weights(folder: Path, spec: TinySpec) -> None:
         eos_token_id=EOS_ID,
         torch_dtype="float32",
     )
+    if not weights:
+        config.save_pretrained(folder)
+        return
     torch.manual_seed(spec.seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 With no --model, a tiny random-weight Qwen2 model is created locally (no download). Prints D's
 OpenAI endpoint — clients talk to D only — and runs until Ctrl-C, then stops every server.
+On a machine with CUDA GPUs the servers run on them (--device auto): P on --p-gpu, D on --d-gpu;
+on one GPU both share it, each with --gpu-share of its memory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from pdpush.command import RunError, UsageError, positive_int
 from pdpush.connector.config import PdpushConfig
+from pdpush.local.cluster import GpuPlacement
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +24,65 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=int, default=PdpushConfig.remote_threshold_tokens, metavar="TOKENS",
                         help="prefill remotely when at least this many prompt tokens miss D's cache (default %(default)s)")
     parser.add_argument("--log-dir", type=Path, default=Path("out/logs"), help="server logs (default out/logs)")
+    parser.add_argument("--max-model-len", type=positive_int, default=4096, metavar="TOKENS",
+                        help="context limit of every server (default %(default)s)")
+    add_placement_args(parser)
+
+
+def add_placement_args(parser: argparse.ArgumentParser) -> None:
+    """Where the servers run: CPU cores or CUDA GPUs (shared by `up` and the benchmarks)."""
+    g = parser.add_argument_group("placement")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cuda when this machine has a CUDA GPU (auto, the default), else cpu")
+    g.add_argument("--p-gpu", type=_gpu_list, default=(0,), metavar="I[,J...]",
+                   help="CUDA device(s) of the Ps; P n gets the n-th, round robin (default 0)")
+    g.add_argument("--d-gpu", type=_gpu_index, default=0, metavar="I", help="CUDA device of D (default 0)")
+    g.add_argument("--gpu-share", type=_share, default=GpuPlacement.share, metavar="F",
+                   help="memory share of each engine on a GPU that several engines share "
+                        "(--gpu-memory-utilization; default %(default)s)")
+
+
+def placement(args: argparse.Namespace) -> GpuPlacement | None:
+    """The options' GPU placement, or None for CPU (usage error: --device cuda without CUDA)."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if cuda_device_count() else "cpu"
+    if device == "cpu":
+        return None
+    count = cuda_device_count()
+    wanted = max([*args.p_gpu, args.d_gpu])
+    if wanted >= count:
+        raise UsageError(f"GPU {wanted} asked for, but this machine has {count} CUDA device(s)")
+    return GpuPlacement(tuple(args.p_gpu), args.d_gpu, args.gpu_share)
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch sees (0 without CUDA or torch); torch is imported only here."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_index(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a CUDA device index, got {text!r}")
+    return int(text)
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    return tuple(_gpu_index(part.strip()) for part in text.split(","))
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
 
 
 def start_cluster(args: argparse.Namespace):
@@ -35,10 +97,15 @@ def start_cluster(args: argparse.Namespace):
         model = args.model or ensure_tiny_model()
     if not (Path(model) / "config.json").exists():
         raise UsageError(f"{model} is not a model folder (no config.json)")
+    gpus = placement(args)
+    # On a GPU vLLM's defaults throughout (its own token budget on P); the CPU keeps the cluster's.
+    gpu_defaults = {} if gpus is None else {"prefill_args": []}
     cluster = LocalCluster(model, num_prefill=args.prefills, log_dir=args.log_dir,
-                           decode_opts={"remote_threshold_tokens": args.threshold})
+                           decode_opts={"remote_threshold_tokens": args.threshold},
+                           gpus=gpus, max_model_len=args.max_model_len, **gpu_defaults)
     started = time.monotonic()
-    console.print(f"starting {args.prefills} P + 1 D (vLLM logs in {args.log_dir}/)")
+    where = "CPU" if gpus is None else f"GPU (P on {list(gpus.p_gpus)}, D on {gpus.d_gpu})"
+    console.print(f"starting {args.prefills} P + 1 D on {where} (vLLM logs in {args.log_dir}/)")
     with console.status("waiting until every server answers /health…"):
         try:
             cluster.start()

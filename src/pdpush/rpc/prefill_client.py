@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from pdpush.rpc.release import RELEASED_KEY, release_body
-from pdpush.vllm_api import WAITING_REQUESTS, parse_metrics
+from pdpush.vllm_api import WAITING_REQUESTS, metric_sum
 
 GONE_CHECK_TIMEOUT_S = 2.0
 
@@ -57,6 +57,8 @@ class PrefillResult:
     p_gone: bool = False
     cancelled: bool = False  # D abandoned the call (client abort): no verdict on P
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
+    sent_at: float = 0.0  # when the HTTP request left (monotonic), for the TTFT breakdown
+    p_ms: dict[str, float] | None = None  # P's stage offsets (pdpush.connector.timing.PushTimes)
 
 
 @dataclass
@@ -197,6 +199,7 @@ class PrefillClient:
             "kv_transfer_params": job.kv_transfer_params,
             **job.sampling,
         }
+        sent_at = time.monotonic()
         resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=None)
         if resp.status_code != 200:
             # Only an authentication refusal is answered before P's engine sees the request; vLLM
@@ -211,7 +214,9 @@ class PrefillClient:
             return PrefillResult(job.req_id, job.url, False, error=str(params["pdpush_error"]),
                                  may_have_written=False)
         tokens = choice.get("token_ids") or []
-        return PrefillResult(job.req_id, job.url, True, first_token=tokens[0] if tokens else None)
+        p_ms = (params.get("pdpush") or {}).get("p_ms")
+        return PrefillResult(job.req_id, job.url, True, first_token=tokens[0] if tokens else None,
+                             sent_at=sent_at, p_ms=p_ms if isinstance(p_ms, dict) else None)
 
     async def _health_loop(self) -> None:
         while True:
@@ -232,11 +237,11 @@ class PrefillClient:
             health = await self._client.get(f"{url}/health", timeout=timeout)
             metrics = await self._client.get(f"{url}/metrics", timeout=timeout)
             ok = health.status_code == 200
-            samples = parse_metrics(metrics.text) if metrics.status_code == 200 else {}
-            self._health.put(HealthReport(url, ok, int(samples.get(WAITING_REQUESTS, 0))))
+            queue = metric_sum(metrics.text, WAITING_REQUESTS) if metrics.status_code == 200 else 0
+            self._health.put(HealthReport(url, ok, int(queue)))
         except httpx.ConnectError as exc:
             self._health.put(HealthReport(url, False, refused=_is_refused(exc)))
-        except (httpx.HTTPError, ValueError):  # ValueError: /metrics that is not Prometheus text
+        except (httpx.HTTPError, ValueError, IndexError):  # /metrics that is not Prometheus text
             self._health.put(HealthReport(url, False))
 
 

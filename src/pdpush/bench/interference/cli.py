@@ -31,6 +31,7 @@ from pathlib import Path
 from pdpush.bench.interference.load import Completions, LogTail, RoundSpec, random_prompt, run_round
 from pdpush.bench.interference.report import Protocol, Round, build_report, load_steps, markdown
 from pdpush.command import RunError, UsageError, renamed
+from pdpush.local.up import add_placement_args, placement
 
 log = logging.getLogger(__name__)
 SCHEDULER = "pdpush.bench.interference.scheduler.HoldScheduler"
@@ -52,13 +53,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
       help="probe A/B window in steps, for the probe-cost figure; 0 = probe always on (default 32)")
     p("--out", type=Path, default=Path("out/interference"), help="report folder (default out/interference)")
     p("--model", type=Path, help="local model folder (default: the tiny built-in model)")
-    p("--kv-cache-gib", type=int, default=2, help="D's CPU KV cache in GiB (default 2)")
+    p("--kv-cache-gib", type=float,
+      help="D's KV cache in GiB (CPU default 2; GPU default: vLLM's profiling, else --kv-cache-memory-bytes)")
+    p("--engine-args", default="", metavar="ARGS",
+      help="extra vLLM arguments for P and D, one string, e.g. '--dtype bfloat16 --load-format dummy'")
     p("--prefill-batched-tokens", type=int, default=2048,
       help="P's max_num_batched_tokens: the chunk P prefills and pushes per step (default 2048)")
     renamed(parser, "--d-url", "--decode-url",
             help="use this running D instead of starting 1P1D (needs --probe-log)")
     p("--probe-log", type=Path, help="with --d-url: D's probe_log file, readable here")
     p("--seed", type=int, default=0, help="seed of the load prompts")
+    add_placement_args(parser)
     p("--reanalyse", action="store_true",
       help="no engines: redo the reports and plots in --out from its report.json rounds and "
            "steps.jsonl (or --probe-log), with this run's --batch and --measure-* (--reanalyse only)")
@@ -79,7 +84,7 @@ def check_args(args: argparse.Namespace) -> list[float]:
          "need 1 <= --load-from < --measure-from < --measure-to <= --max-tokens + 1"),
         (args.prompt_tokens >= 2 and args.load_output >= 1, "need --prompt-tokens >= 2, --load-output >= 1"),
         (args.probe_ab_steps >= 0, "--probe-ab-steps must be >= 0"),
-        (args.kv_cache_gib >= 1 and args.prefill_batched_tokens >= 1, "sizes must be >= 1"),
+        ((args.kv_cache_gib or 1) >= 1 and args.prefill_batched_tokens >= 1, "sizes must be >= 1"),
         (bool(args.d_url) == bool(args.probe_log) or args.reanalyse,
          "--d-url and --probe-log go together"),
     ]  # fmt: skip
@@ -98,36 +103,45 @@ def round_plan(qps: list[float], repeat_baseline: int) -> list[tuple[str, float]
 
 @contextlib.contextmanager
 def one_p_one_d(args: argparse.Namespace, probe_log: Path) -> Iterator[str]:
-    """Start P and D (one CPU core each), yield D's URL, stop both however the block ends."""
-    from pdpush.local.cluster import VllmServer, free_port
+    """Start P and D (one CPU core each, or the GPUs of the placement options), yield D's URL,
+    stop both however the block ends. On CPU both start at once (start-up is the slow part); on a
+    GPU one after the other, since vLLM sizes its KV cache from the memory it finds free."""
+    import shlex
+
     from pdpush.connector.config import decode_kv_config, prefill_kv_config
+    from pdpush.local.cluster import free_port, kv_cache_settings, placed_server
     from pdpush.local.tinymodel import ensure_tiny_model
 
+    gpus = placement(args)
     model = args.model or ensure_tiny_model()
     max_len = max(args.max_tokens + 1, args.prompt_tokens + args.load_output) + 16
     logs = args.out / "logs"
+    engine = shlex.split(args.engine_args)
     chunk = ["--max-num-batched-tokens", str(args.prefill_batched_tokens)]
-    prefill = VllmServer("prefill", model, kv_transfer_config=prefill_kv_config(), cpu_core=1,
-                         log_dir=logs, max_model_len=max_len, extra_args=chunk)  # fmt: skip
+    prefill = placed_server("prefill", model, gpus, 0, kv_transfer_config=prefill_kv_config(),
+                            log_dir=logs, max_model_len=max_len, extra_args=[*engine, *chunk])
+    kv_env, kv_args = kv_cache_settings(args.kv_cache_gib or (2 if gpus is None else None), gpus)
     probe = {"probe_log": str(probe_log), "probe_ab_steps": args.probe_ab_steps}
     # The protocol sends every long prompt to P: no "P busy" fallback to a local prefill on D.
     d_config = decode_kv_config([prefill.url], remote_threshold_tokens=min(256, args.prompt_tokens),
                                 max_inflight_per_prefill=10**6, max_prefill_queue=10**6,
                                 side_channel_port=free_port(), **probe)  # fmt: skip
-    decode = VllmServer(
-        "decode", model, kv_transfer_config=d_config, cpu_core=0, log_dir=logs, max_model_len=max_len,
-        env={"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)},
-        extra_args=["--scheduler-cls", SCHEDULER,
+    decode = placed_server(
+        "decode", model, gpus, None, kv_transfer_config=d_config, log_dir=logs, max_model_len=max_len,
+        env=kv_env,
+        extra_args=[*engine, *kv_args, "--scheduler-cls", SCHEDULER,
                     "--additional-config", json.dumps({"pdpush_hold_running": args.batch}),
                     "--max-num-seqs", str(args.batch + 64),
                     "--max-num-batched-tokens", str(max(2048, 2 * args.batch))],
     )  # fmt: skip
     servers = (prefill, decode)
     try:
-        for server in servers:  # both start at once: start-up is the slow part
-            server.start()
         for server in servers:
-            server.wait_healthy()
+            server.start()
+            if gpus is not None:
+                server.wait_healthy(600)
+        for server in servers:
+            server.wait_healthy(600)
         yield decode.url
     finally:
         for server in servers:
@@ -203,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         qps = check_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if not (args.d_url or args.reanalyse):
+        placement(args)  # a GPU that is not there is a usage error, before anything starts
     spec = RoundSpec(args.batch, args.max_tokens, args.load_from, args.prompt_tokens, args.load_output)
     proto = Protocol(args.batch, args.measure_from, args.measure_to)
     if args.reanalyse:

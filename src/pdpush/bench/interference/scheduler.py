@@ -21,6 +21,9 @@ Settings on D: `--scheduler-cls pdpush.bench.interference.scheduler.HoldSchedule
 --additional-config '{"pdpush_hold_running": B}'` (optionally "pdpush_gather_s"), with max_num_seqs > B and
 max_num_batched_tokens > B. A request the policy keeps local still joins (the probe shows it as
 a step with more than B requests; the report leaves such steps out and counts them).
+vLLM 0.26 names the two internals this class touches `max_num_running_reqs` and
+`_try_promote_blocked_waiting_request` (0.32: `max_num_active_reqs`, `_handle_blocked_waiting_request`);
+both spellings are handled here, the only place outside pdpush.vllm_api that subclasses vLLM.
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ class HoldScheduler(Scheduler):
 
     def __init__(self, vllm_config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
+        # The running-request cap's attribute: 0.32's name, else 0.26's.
+        self._cap = "max_num_active_reqs" if hasattr(self, "max_num_active_reqs") else "max_num_running_reqs"
         extra = vllm_config.additional_config or {}
         hold, gather_s = extra.get(HOLD_KEY), extra.get(GATHER_KEY, 5.0)
         if not isinstance(hold, int) or hold < 1:
             raise ValueError(f"HoldScheduler needs --additional-config '{{\"{HOLD_KEY}\": B}}', B >= 1")
-        for name, cap in (("max_num_seqs", self.max_num_active_reqs),
+        for name, cap in (("max_num_seqs", getattr(self, self._cap)),
                           ("max_num_batched_tokens", self.max_num_scheduled_tokens)):  # fmt: skip
             if hold >= cap:
                 raise ValueError(f"{HOLD_KEY}={hold} must be below {name} ({cap})")
@@ -57,11 +62,12 @@ class HoldScheduler(Scheduler):
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         if not self._gathering():
             return super().schedule(*args, **kwargs)
-        cap, self.max_num_active_reqs = self.max_num_active_reqs, 0  # admit nobody this step
+        cap = getattr(self, self._cap)
+        setattr(self, self._cap, 0)  # admit nobody this step
         try:
             return super().schedule(*args, **kwargs)
         finally:
-            self.max_num_active_reqs = cap
+            setattr(self, self._cap, cap)
 
     def _gathering(self) -> bool:
         """Idle with fewer than B requests waiting, for less than gather_s so far."""
@@ -73,10 +79,12 @@ class HoldScheduler(Scheduler):
             self._gather_since = now
         return now - self._gather_since < self.gather_s
 
-    def _handle_blocked_waiting_request(self, request: Any) -> bool:
-        if (
-            request.status == RequestStatus.WAITING_FOR_REMOTE_KVS
-            and len(self.running) >= self.hold_running
-        ):
-            return False  # skipped this step: stays parked, KV kept, nothing on the worker
-        return super()._handle_blocked_waiting_request(request)
+    def _parked(self, request: Any) -> bool:
+        """Skipped this step: stays parked, KV kept, nothing on the worker."""
+        return request.status == RequestStatus.WAITING_FOR_REMOTE_KVS and len(self.running) >= self.hold_running
+
+    def _handle_blocked_waiting_request(self, request: Any) -> bool:  # vLLM 0.32
+        return not self._parked(request) and super()._handle_blocked_waiting_request(request)
+
+    def _try_promote_blocked_waiting_request(self, request: Any) -> bool:  # vLLM 0.26
+        return not self._parked(request) and super()._try_promote_blocked_waiting_request(request)
