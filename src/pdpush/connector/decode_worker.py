@@ -6,6 +6,9 @@ after P saw every WRITE complete) and after the receive fence (flush rule, trans
 it is reported failed when P says so or when the scheduler gives it up (lease ended). Every
 notification of P's, also one that comes after the give-up, is reported (`Transfers.notified`):
 it is what frees blocks the scheduler held at the lease's end (connector/quarantine.py).
+A notification counts only if it is the chosen P's: it carries the request's nonce (which only
+that P received, in its signed target), names the NIXL agent that sent it and, with a key, is
+signed (Notif.refusal); anything else is counted (`notifs_refused` in /stats) and ignored.
 On the first rank it also runs the step probe (pdpush.probe) around each forward, when
 configured: `bind` opens the step, `wait_for_save` closes it.
 """
@@ -17,6 +20,7 @@ import logging
 import time
 from typing import Any
 
+from pdpush.connector.compat import describe as describe_identity
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.kv_region import LocalKV
 from pdpush.connector.metadata import DecodeStepMeta, Notif
@@ -28,13 +32,19 @@ from pdpush.vllm_api import Transfers
 
 log = logging.getLogger("vllm.pdpush.decode")  # under vllm: shown in its log
 EARLY_NOTIF_TTL_S = 600.0  # a notification may beat the scheduler's "expect": keep it a while
+EARLY_NOTIF_MAX = 4096  # ... but not without bound: anyone reaching D's agent can send some
+EARLY_PER_REQUEST = 8
 
 
 class DecodeWorker:
-    def __init__(self, config: PdpushConfig, engine_id: str, rank: int, num_blocks: int) -> None:
+    def __init__(self, config: PdpushConfig, engine_id: str, rank: int, num_blocks: int,
+                 instance_id: str = "", identity: dict[str, Any] | None = None) -> None:
         self.config = config
         self.rank = rank
         self.num_blocks = num_blocks
+        self.engine_id, self.instance_id = engine_id, instance_id
+        self.keys = config.keys()
+        self.identity = describe_identity(identity or {}, self.keys is not None)
         self.probe = StepProbe.from_config(config.probe, rank)
         self._batch_stats: Any = None  # this step's, for the probe
         self.agent_name = f"pdpush-d-{engine_id}-{rank}"
@@ -43,11 +53,13 @@ class DecodeWorker:
         self.server: JsonServer | None = None
         self.kv: LocalKV | None = None
         self.rx_bytes = 0  # bytes P reported written into this rank, for the step probe
-        self._expected: set[str] = set()
-        self._early: dict[str, tuple[Notif, float]] = {}
+        self._expected: dict[str, str] = {}  # request -> its nonce
+        self._early: dict[str, list[tuple[Notif, str, float]]] = {}  # with sender and arrival
+        self._counts = {"notifs_refused": 0}
         self._done: set[str] = set()
         self._failed: set[str] = set()
-        self._notified: set[str] = set()
+        self._notified: set[str] = set()  # verified notifications, for the quarantine
+        self._given_up: dict[str, tuple[str, float]] = {}  # given up: nonce, when
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
@@ -63,7 +75,8 @@ class DecodeWorker:
 
     def describe(self) -> dict[str, Any]:
         assert self.engine is not None and self.kv is not None
-        return {"agent": self.agent_name,
+        return {"agent": self.agent_name, "engine_id": self.engine_id,
+                "instance_id": self.instance_id, "identity": self.identity,
                 "metadata": base64.b64encode(self.engine.metadata()).decode(),
                 **self.kv.describe()}
 
@@ -72,14 +85,15 @@ class DecodeWorker:
         if self.probe is not None:
             self.probe.step_begin()
             self._batch_stats = meta.batch_stats
-        self._expected.update(meta.expect)
         for req_id in meta.expect:
-            early = self._early.pop(req_id, None)
-            if early is not None:
-                self._settle(early[0])
+            self._expected[req_id] = meta.nonces.get(req_id, "")
+            for notif, sender, _ in self._early.pop(req_id, []):
+                if req_id in self._expected:
+                    self._receive(notif, sender)
         for req_id in meta.give_up:
-            if req_id in self._expected:
-                self._expected.discard(req_id)
+            nonce = self._expected.pop(req_id, None)
+            if nonce is not None:
+                self._given_up[req_id] = (nonce, time.monotonic())  # P's late word still counts
                 self._done.add(req_id)
                 self._failed.add(req_id)
 
@@ -105,22 +119,52 @@ class DecodeWorker:
         if self.engine is None:
             return
         now = time.monotonic()
-        for messages in self.engine.notifications().values():
+        for sender, messages in self.engine.notifications().items():
             for raw in messages:
                 notif = Notif.decode(raw)
                 if notif is None:
                     continue
-                self._notified.add(notif.d_req_id)
                 if notif.d_req_id in self._expected:
-                    self._settle(notif)
+                    self._receive(notif, sender)
+                elif notif.d_req_id in self._given_up:
+                    self._late(notif, sender)
                 else:
-                    self._early[notif.d_req_id] = (notif, now)
-        stale = [r for r, (_, t) in self._early.items() if now - t > EARLY_NOTIF_TTL_S]
-        for req_id in stale:
+                    early = self._early.setdefault(notif.d_req_id, [])
+                    early[:] = [*early[1 - EARLY_PER_REQUEST:], (notif, sender, now)]
+        for req_id in [r for r, got in self._early.items() if now - got[0][2] > EARLY_NOTIF_TTL_S]:
             del self._early[req_id]
+        for req_id in list(self._early)[:max(0, len(self._early) - EARLY_NOTIF_MAX)]:
+            del self._early[req_id]  # the oldest first
+        for req_id in [r for r, (_, t) in self._given_up.items() if now - t > EARLY_NOTIF_TTL_S]:
+            del self._given_up[req_id]
+
+    def _late(self, notif: Notif, sender: str) -> None:
+        """P's notification after the give-up: reported (it frees held blocks) only if it is
+        the chosen P's, like any other."""
+        refusal = notif.refusal(sender, self._given_up[notif.d_req_id][0], self.keys)
+        if refusal:
+            self._counts["notifs_refused"] += 1
+            log.warning("pdpush: %s: ignored a notification: %s", notif.d_req_id, refusal)
+            return
+        del self._given_up[notif.d_req_id]
+        self._notified.add(notif.d_req_id)
+
+    def _receive(self, notif: Notif, sender: str) -> None:
+        """Settle the request on its chosen P's word; count and ignore anyone else's."""
+        refusal = notif.refusal(sender, self._expected[notif.d_req_id], self.keys)
+        if refusal:
+            self._counts["notifs_refused"] += 1
+            log.warning("pdpush: %s: ignored a notification: %s", notif.d_req_id, refusal)
+            return
+        self._settle(notif)
+
+    def take_counts(self) -> dict[str, int]:
+        counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
+        return counts
 
     def _settle(self, notif: Notif) -> None:
-        self._expected.discard(notif.d_req_id)
+        del self._expected[notif.d_req_id]
+        self._notified.add(notif.d_req_id)
         self._done.add(notif.d_req_id)
         self.rx_bytes += notif.nbytes
         if notif.ok:

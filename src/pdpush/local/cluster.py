@@ -26,6 +26,8 @@ import httpx
 # VLLM_CPU_KVCACHE_SPACE=N instead fixes the KV cache at N GiB and skips that check (vLLM 0.32:
 # vllm/platforms/cpu.py, vllm/v1/worker/cpu_worker.py); 1 GiB holds the tiny model's contexts.
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# P's API-server guard against push targets D did not sign (pdpush.connector.auth_middleware).
+PREFILL_MIDDLEWARE = "pdpush.connector.auth_middleware.PushAuthMiddleware"
 
 
 PR_SET_PDEATHSIG = 1
@@ -177,6 +179,11 @@ class LocalCluster(_Started):
 
     Cores: D gets core 0 and the Ps share the remaining cores (all of them on core 1 on a 2-core
     machine), so P's prefill never competes with D's decode for a core.
+
+    Authenticated by default: a fresh key file (mode 0600, removed by `stop`) is given to D and
+    every P, and the Ps run pdpush's API-server guard (`PREFILL_MIDDLEWARE`), so a push target
+    that D did not sign is refused with 403 (docs/architecture.md, "Trust model").
+    `authenticate=False`, or an `auth_key_file` / `auth_key_env` in the opts, turns that off.
     """
 
     model: Path
@@ -187,22 +194,34 @@ class LocalCluster(_Started):
     # A small token budget on P, so a long prompt is prefilled (and pushed) in several chunks.
     prefill_args: list[str] = field(default_factory=lambda: ["--max-num-batched-tokens", "512"])
     log_dir: Path = Path("out/logs")
+    authenticate: bool = True
     prefills: list[VllmServer] = field(default_factory=list, init=False)
     decode: VllmServer | None = field(default=None, init=False)
+    key_file: Path | None = field(default=None, init=False)
 
     def start(self) -> "LocalCluster":
+        from pdpush.connector.auth import write_key_file
         from pdpush.connector.config import decode_kv_config, prefill_kv_config
 
+        keyed = {"auth_key_file", "auth_key_env"} & {*self.decode_opts, *self.prefill_opts}
+        auth, p_args = {}, list(self.prefill_args)
+        if self.authenticate and not keyed:
+            self.key_file = write_key_file()
+            auth = {"auth_key_file": str(self.key_file)}
+        if self.authenticate:
+            p_args += ["--middleware", PREFILL_MIDDLEWARE]
         cores = os.cpu_count() or 2
         p_cores = list(range(1, cores)) or [0]
         self.prefills = [
-            VllmServer(f"P{i}", self.model, kv_transfer_config=prefill_kv_config(**self.prefill_opts),
-                       cpu_core=p_cores[i % len(p_cores)], extra_args=self.prefill_args,
+            VllmServer(f"P{i}", self.model,
+                       kv_transfer_config=prefill_kv_config(**auth, **self.prefill_opts),
+                       cpu_core=p_cores[i % len(p_cores)], extra_args=p_args,
                        log_dir=self.log_dir)
             for i in range(self.num_prefill)
         ]
         urls = [p.url for p in self.prefills]
-        self.decode = VllmServer("D", self.model, kv_transfer_config=decode_kv_config(urls, **self.decode_opts),
+        self.decode = VllmServer("D", self.model,
+                                 kv_transfer_config=decode_kv_config(urls, **auth, **self.decode_opts),
                                  cpu_core=0, extra_args=self.decode_args, log_dir=self.log_dir)
         for server in self.prefills:
             server.start()
@@ -222,3 +241,6 @@ class LocalCluster(_Started):
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+        if self.key_file is not None:
+            self.key_file.unlink(missing_ok=True)
+            self.key_file = None
