@@ -52,6 +52,16 @@ def target(port: int, req: str, d_blocks) -> PushTarget:
     return PushTarget(req, "d-engine", f"127.0.0.1:{port}", tuple(d_blocks), 0, BS, 30.0)
 
 
+def connect(p: PrefillWorker, d: DecodeWorker, port: int, engine: str = "d-engine") -> None:
+    """P connects to D in the background (peer_links.py): tests that time P's first pushes
+    start from a connected P, as a P that already served that D would be."""
+    t = PushTarget("warm-up", engine, f"127.0.0.1:{port}", (), 0, BS, 30.0)
+    deadline = time.monotonic() + 10
+    while p.links.lookup(t).pending and time.monotonic() < deadline:
+        d.transfer_results(set())
+    assert not p.links.lookup(t).error
+
+
 def run_step(p: PrefillWorker, p_kv: dict, meta: PrefillStepMeta) -> None:
     """One P step as vLLM drives it: bind, the forward's save_kv_layer per layer, wait_for_save."""
     p.bind(meta)

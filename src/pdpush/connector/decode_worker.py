@@ -59,7 +59,6 @@ class DecodeWorker:
         self._done: set[str] = set()
         self._failed: set[str] = set()
         self._notified: set[str] = set()  # verified notifications, for the quarantine
-        self._given_up: dict[str, tuple[str, float]] = {}  # given up: nonce, when
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
@@ -91,9 +90,7 @@ class DecodeWorker:
                 if req_id in self._expected:
                     self._receive(notif, sender)
         for req_id in meta.give_up:
-            nonce = self._expected.pop(req_id, None)
-            if nonce is not None:
-                self._given_up[req_id] = (nonce, time.monotonic())  # P's late word still counts
+            if self._expected.pop(req_id, None) is not None:
                 self._done.add(req_id)
                 self._failed.add(req_id)
 
@@ -126,28 +123,21 @@ class DecodeWorker:
                     continue
                 if notif.d_req_id in self._expected:
                     self._receive(notif, sender)
-                elif notif.d_req_id in self._given_up:
-                    self._late(notif, sender)
                 else:
+                    self._late(notif, sender)  # after the give-up: it may free held blocks
                     early = self._early.setdefault(notif.d_req_id, [])
                     early[:] = [*early[1 - EARLY_PER_REQUEST:], (notif, sender, now)]
         for req_id in [r for r, got in self._early.items() if now - got[0][2] > EARLY_NOTIF_TTL_S]:
             del self._early[req_id]
         for req_id in list(self._early)[:max(0, len(self._early) - EARLY_NOTIF_MAX)]:
             del self._early[req_id]  # the oldest first
-        for req_id in [r for r, (_, t) in self._given_up.items() if now - t > EARLY_NOTIF_TTL_S]:
-            del self._given_up[req_id]
 
     def _late(self, notif: Notif, sender: str) -> None:
-        """P's notification after the give-up: reported (it frees held blocks) only if it is
-        the chosen P's, like any other."""
-        refusal = notif.refusal(sender, self._given_up[notif.d_req_id][0], self.keys)
-        if refusal:
-            self._counts["notifs_refused"] += 1
-            log.warning("pdpush: %s: ignored a notification: %s", notif.d_req_id, refusal)
-            return
-        del self._given_up[notif.d_req_id]
-        self._notified.add(notif.d_req_id)
+        """A notification for a request this worker does not expect (given up, or not yet
+        expected): reported for the quarantine only if its sender and (with a key) its HMAC
+        verify; the request's nonce is no longer (or not yet) known here."""
+        if not notif.refusal(sender, None, self.keys):
+            self._notified.add(notif.d_req_id)
 
     def _receive(self, notif: Notif, sender: str) -> None:
         """Settle the request on its chosen P's word; count and ignore anyone else's."""

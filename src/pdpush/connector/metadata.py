@@ -206,11 +206,12 @@ class Notif:
     def signed(self, keys: Keys | None) -> "Notif":
         return self if keys is None else replace(self, mac=keys.sign(self._signed_fields()))
 
-    def refusal(self, sender: str, nonce: str, keys: Keys | None) -> str:
-        """Why D must ignore this notification ("" when it is the chosen P's word)."""
+    def refusal(self, sender: str, nonce: str | None, keys: Keys | None) -> str:
+        """Why D must ignore this notification ("" when it is the chosen P's word); with
+        `nonce` None only the sender and the HMAC are checked."""
         if sender != self.agent:
             return f"sent by NIXL agent {sender!r} but names {self.agent!r}"
-        if not hmac.compare_digest(self.nonce, nonce):
+        if nonce is not None and not hmac.compare_digest(self.nonce, nonce):
             return "wrong nonce"
         if keys is not None and not keys.verify(self._signed_fields(), self.mac):
             return "bad signature"

@@ -58,6 +58,7 @@ class PrefillScheduler:
     forbidden_requests: int = 0  # unsigned, badly signed or replayed targets
 
     def __post_init__(self) -> None:
+        self.faults = FaultHooks.from_dir(self.config.fault_hooks_dir)
         self.keys = self.config.keys()
         self.nonces = NonceMemory()
         if self.keys is None:
@@ -65,15 +66,12 @@ class PrefillScheduler:
                         "wherever any caller of its OpenAI port tells it to")
 
     def _admit(self, req_id: str, target: PushTarget) -> None:
-        """Authoritative check of a signed target's nonce (also done by rpc/auth_middleware.py,
+        """Authoritative check of a signed target's nonce (also done by connector/auth_middleware.py,
         which a request reaching the engine by another way would have skipped)."""
         if self.keys is None:
             return
         if not self.nonces.admit(target.nonce, req_id, time.monotonic() + target.replay_window_s()):
             raise Forbidden("kv_transfer_params.pdpush: this nonce was already used (replay)")
-
-    def __post_init__(self) -> None:
-        self.faults = FaultHooks.from_dir(self.config.fault_hooks_dir)
 
     def get_num_new_matched_tokens(self, request: RequestView, num_computed: int) -> tuple[int, bool]:
         """P loads nothing; this is where the push target is read and validated (idempotent).
