@@ -2,11 +2,18 @@
 
 The rest of pdpush sees plain pdpush types: `RequestView` instead of vLLM's Request, `StepView`
 instead of SchedulerOutput, `Transfers` instead of KVConnectorOutput / KVConnectorTransferResults,
-`BlockAccess` instead of the KV cache manager, and `parse_metrics` for the text of vLLM's
-/metrics. Support for another vLLM version goes here, as a named difference next to the 0.32
-code it replaces, e.g. vLLM 0.26 has no KVConnectorTransferResults (completions come from the
-worker's `get_finished()`), `bind_gpu_block_pool` instead of `bind_kv_cache_manager`, and per-block
-load errors (`get_block_ids_with_load_errors`) instead of `failed_recving`.
+`BlockAccess` instead of the block pool, and `parse_metrics` for the text of vLLM's /metrics.
+
+Versions: 0.26 (the GPU machine's) and 0.32 (the CPU tests'). Each difference is handled here,
+named with the version that introduced it (search for "vLLM 0.32" / "vLLM 0.26"):
+- completions: 0.32 added `get_transfer_results` -> KVConnectorTransferResults (with
+  `failed_recving`); 0.26 has `get_finished()` -> (sending, recving) only.
+- failed receives: 0.32 reports them per request (`failed_recving`); 0.26 only per block
+  (`get_block_ids_with_load_errors`): D's blocks that P was to fill, from `skip_tokens` on.
+- block access: 0.32 added `bind_kv_cache_manager`; both have `bind_gpu_block_pool`, which is the
+  one used (free/total blocks for /stats). P's block ids come from the SchedulerOutput in both.
+- empty steps: 0.26 skips `wait_for_save` on steps without a forward (0.32 calls it every step);
+  D's worker opens its probe step only for steps with a forward (connector/decode_worker.py).
 
 vLLM itself is imported lazily (module `__getattr__` for `ConnectorBase` and `StepMeta`), so the
 halves, the probe and the HTTP clients import this module without loading vLLM.
@@ -22,15 +29,20 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-SUPPORTED = ((0, 32),)  # (major, minor) versions this module was written against
+SUPPORTED = ((0, 26), (0, 32))  # (major, minor) versions this module was written against
 
 
 @functools.cache
 def _vllm() -> SimpleNamespace:
-    """vLLM's connector API (0.32), loaded once on first use."""
+    """vLLM's connector API, loaded once on first use."""
     import vllm
     from vllm.distributed.kv_transfer.kv_connector.v1 import base
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+    version = tuple(int(x) for x in vllm.__version__.split(".")[:2])
+    if version not in SUPPORTED:
+        raise ImportError(f"pdpush: vLLM {vllm.__version__} is not supported (written for "
+                          f"{', '.join('%d.%d' % v for v in SUPPORTED)}); see pdpush/vllm_api.py")
 
     class StepMeta(base.KVConnectorMetadata):
         """vLLM's metadata type around pdpush's plain per-step metadata."""
@@ -79,17 +91,51 @@ def _vllm() -> SimpleNamespace:
     WorkerMeta.__qualname__ = "WorkerMeta"
     WorkerMeta.__module__ = __name__
 
-    version = tuple(int(x) for x in vllm.__version__.split(".")[:2])
-    if version not in SUPPORTED:
-        raise ImportError(f"pdpush: vLLM {vllm.__version__} is not supported (written for "
-                          f"{', '.join('%d.%d' % v for v in SUPPORTED)}); see pdpush/vllm_api.py")
     return SimpleNamespace(base=base, StepMeta=StepMeta, WorkerMeta=WorkerMeta,
-                           WorkerCounts=WorkerCounts)
+                           WorkerCounts=WorkerCounts, ConnectorBase=connector_base(base))
+
+
+def connector_base(base: Any) -> type:
+    """vLLM's KVConnectorBase_V1 with this version's completion and block-pool hooks mapped onto
+    two plain methods the connector implements: `transfers(finished_req_ids) -> Transfers`
+    (workers) and `bind_blocks(BlockAccess)` (scheduler); vLLM's other hooks are the same in
+    both versions and the connector implements them as they are."""
+
+    class ConnectorBase(base.KVConnectorBase_V1):
+        _load_errors: set[int] = set()
+
+        def transfers(self, finished_req_ids: set[str]) -> Transfers:
+            raise NotImplementedError
+
+        def bind_blocks(self, blocks: BlockAccess) -> None:
+            raise NotImplementedError
+
+        def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+            # In both versions (0.32's bind_kv_cache_manager calls it; 0.26 has only this one).
+            self.bind_blocks(BlockAccess(gpu_block_pool))
+
+        if hasattr(base, "KVConnectorTransferResults"):  # vLLM 0.32: request-level failures
+            def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+                t = self.transfers(finished_req_ids)
+                return base.KVConnectorTransferResults(
+                    finished_sending=t.sent, finished_recving=t.received, failed_recving=t.failed)
+        else:  # vLLM 0.26: get_finished's pair, then the failed requests' blocks, same step
+            def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None,
+                                                                         set[str] | None]:
+                t = self.transfers(finished_req_ids)
+                self._load_errors = self._load_errors | t.failed_blocks
+                return t.sent or None, t.received or None
+
+            def get_block_ids_with_load_errors(self) -> set[int]:
+                errors, self._load_errors = self._load_errors, set()
+                return errors
+
+    return ConnectorBase
 
 
 def __getattr__(name: str) -> Any:
     if name == "ConnectorBase":
-        return _vllm().base.KVConnectorBase_V1
+        return _vllm().ConnectorBase
     if name in ("StepMeta", "WorkerMeta", "WorkerCounts"):
         return getattr(_vllm(), name)
     raise AttributeError(name)
@@ -203,58 +249,63 @@ def first_group_block_ids(blocks: Any) -> list[int]:
 
 @dataclass(frozen=True)
 class BlockAccess:
-    """The scheduler's KV cache manager, as far as pdpush uses it."""
+    """The scheduler's block pool (`bind_gpu_block_pool`, in both versions): free/total blocks
+    (free counts evictable prefix-cache blocks, vLLM's own count), and the lease's quarantine."""
 
-    manager: Any
-
-    def block_ids(self, req_id: str) -> list[int]:
-        return self.manager.get_block_ids(req_id)[0]
+    pool: Any
 
     def free_blocks(self) -> int:
-        return self.manager.block_pool.get_num_free_blocks()
+        return self.pool.get_num_free_blocks()
 
     def total_blocks(self) -> int:
-        return self.manager.block_pool.num_gpu_blocks
+        return self.pool.num_gpu_blocks
 
     def hold(self, block_ids: Sequence[int]) -> None:
         """Take one more reference on each block: vLLM freeing the request's blocks then leaves
         them out of the free pool until `release` (the lease's quarantine)."""
-        pool = self.manager.block_pool
-        pool.touch([pool.blocks[i] for i in block_ids])
+        self.pool.touch([self.pool.blocks[i] for i in block_ids])
 
     def release(self, block_ids: Sequence[int]) -> None:
-        pool = self.manager.block_pool
-        pool.free_blocks([pool.blocks[i] for i in block_ids])
+        self.pool.free_blocks([self.pool.blocks[i] for i in block_ids])
 
     def evict(self, block_ids: Sequence[int]) -> None:
         """Take these blocks out of the prefix cache (their hashes), not out of their requests.
 
-        vLLM 0.32: KVCacheManager.evict_blocks (what vLLM does itself for blocks that failed to
-        load); a block without a hash is left alone, a block still in use keeps its data but no
-        later request can match it. vLLM 0.26 has the same call on the block pool only
-        (BlockPool.evict_blocks, reached through bind_gpu_block_pool).
+        BlockPool.evict_blocks in both versions (what KVCacheManager.evict_blocks calls, and what
+        vLLM does itself for blocks that failed to load); a block without a hash is left alone, a
+        block still in use keeps its data but no later request can match it.
         """
-        self.manager.evict_blocks(set(block_ids))
+        self.pool.evict_blocks(set(block_ids))
 
 
 # -- steps -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepView:
-    """One scheduler step: per scheduled request (tokens computed before, tokens this step)."""
+    """One scheduler step: per scheduled request (tokens computed before, tokens this step), and
+    the block ids each request got this step (first KV cache group): appended to the request's
+    list, or replacing it for the ids in `resumed` (a preempted request starts over)."""
 
     scheduled: dict[str, tuple[int, int]]
     total_tokens: int
     preempted: frozenset[str] = frozenset()
+    new_blocks: dict[str, list[int]] = field(default_factory=dict)
+    resumed: frozenset[str] = frozenset()
 
 
 def step_view(scheduler_output: Any) -> StepView:
+    """The same in both versions. P reads its block ids here rather than from the cache manager,
+    which vLLM 0.26 does not hand to connectors (`bind_kv_cache_manager` is 0.32's)."""
     num_new = scheduler_output.num_scheduled_tokens
-    computed = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+    new_reqs = scheduler_output.scheduled_new_reqs
+    computed = {r.req_id: r.num_computed_tokens for r in new_reqs}
+    blocks = {r.req_id: list(r.block_ids[0]) for r in new_reqs}
     cached = scheduler_output.scheduled_cached_reqs
     computed.update(zip(cached.req_ids, cached.num_computed_tokens))
+    blocks.update((r, list(ids[0])) for r, ids in zip(cached.req_ids, cached.new_block_ids) if ids)
     scheduled = {req_id: (done, num_new.get(req_id, 0)) for req_id, done in computed.items()}
     return StepView(scheduled, int(scheduler_output.total_num_scheduled_tokens),
-                    frozenset(scheduler_output.preempted_req_ids or ()))
+                    frozenset(scheduler_output.preempted_req_ids or ()), blocks,
+                    frozenset(cached.resumed_req_ids or ()))
 
 
 # -- transfer results ------------------------------------------------------------------------
@@ -268,6 +319,8 @@ class Transfers:
     # D: requests whose P notification arrived (in time or after the give-up), per rank count:
     # what releases blocks held at the lease's end (connector/quarantine.py)
     notified: dict[str, int] = field(default_factory=dict)
+    # D: the blocks P was to fill (from skip_tokens on) of the failed requests
+    failed_blocks: set[int] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=dict)  # workers' counter increments
 
 
@@ -281,20 +334,15 @@ def counts_from_stats(data: dict[str, Any] | None) -> Any:
     return _vllm().WorkerCounts(data=dict(data)) if data else None
 
 
-def to_transfer_results(transfers: Transfers) -> Any:
-    """vLLM 0.32's KVConnectorTransferResults (added in 0.32; 0.26 returns get_finished's pair)."""
-    return _vllm().base.KVConnectorTransferResults(
-        finished_sending=transfers.sent, finished_recving=transfers.received,
-        failed_recving=transfers.failed)
-
-
 def from_connector_output(output: Any) -> Transfers:
-    """vLLM's KVConnectorOutput; `failed_recving` is 0.32's (0.26 reports failed blocks)."""
+    """vLLM's KVConnectorOutput. Failures come back as `failed_recving` (vLLM 0.32) or only as
+    `invalid_block_ids` (vLLM 0.26, where 0.32 also reports them for other connectors' loads)."""
     meta = getattr(output, "kv_connector_worker_meta", None)
     stats = getattr(output, "kv_connector_stats", None)
     return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
                      set(getattr(output, "failed_recving", None) or ()),
                      dict(getattr(meta, "notified", None) or {}),
+                     set(output.invalid_block_ids or ()),
                      dict(stats.data) if stats is not None else {})
 
 

@@ -30,7 +30,7 @@ def run_d(host: str, port: int) -> dict:
     kv = {name: torch.zeros(BLOCKS, 2, BS, WIDTH) for name in LAYERS}
     d.register_kv_caches(kv)
     print("ready", flush=True)
-    d.bind(DecodeStepMeta(expect=[REQ], nonces={REQ: NONCE}))
+    d.bind(DecodeStepMeta(expect={REQ: D_BLOCKS}, nonces={REQ: NONCE}))
     done, failed = set(), set()
     deadline = time.monotonic() + 30
     while REQ not in done and time.monotonic() < deadline:

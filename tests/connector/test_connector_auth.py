@@ -147,8 +147,9 @@ def push_through_p(env, sched: PrefillScheduler, p_req: str, params: dict, token
     the requests D reported received meanwhile."""
     sched.get_num_new_matched_tokens(RequestView(p_req, tokens, tokens, [], params), 0)
     meta = sched.build_meta(step_view(NS(
-        scheduled_new_reqs=[NS(req_id=p_req, num_computed_tokens=0)],
-        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[]),
+        scheduled_new_reqs=[NS(req_id=p_req, num_computed_tokens=0, block_ids=([0, 1, 2],))],
+        scheduled_cached_reqs=NS(req_ids=[], num_computed_tokens=[], new_block_ids=[],
+                                 resumed_req_ids=set()),
         num_scheduled_tokens={p_req: tokens}, total_num_scheduled_tokens=tokens,
         preempted_req_ids=set())))
     env.p.bind(meta)
@@ -176,7 +177,7 @@ def target_params(env, keys, req: str, blocks, nonce: str) -> dict:
 
 @pytest.mark.parametrize("forgery", ["unsigned", "wrong key", "tampered blocks"])
 def test_a_forged_target_changes_no_byte_of_d(keyed, forgery):
-    sched = PrefillScheduler(BS, keyed.config, block_ids=lambda r: [0, 1, 2])
+    sched = PrefillScheduler(BS, keyed.config)
     signer = {"unsigned": None, "wrong key": Keys(OTHER_KEY.encode())}.get(forgery, keyed.keys)
     params = target_params(keyed, signer, f"f-{forgery}", (3, 4), f"{forgery:x<32}")
     if forgery == "tampered blocks":
@@ -188,9 +189,9 @@ def test_a_forged_target_changes_no_byte_of_d(keyed, forgery):
 
 
 def test_a_replayed_target_changes_no_byte_of_d(keyed):
-    sched = PrefillScheduler(BS, keyed.config, block_ids=lambda r: [0, 1, 2])
+    sched = PrefillScheduler(BS, keyed.config)
     params = target_params(keyed, keyed.keys, "r-replay", (7, 8), "replay".ljust(32, "0"))
-    keyed.d.bind(DecodeStepMeta(expect=["r-replay"], nonces={"r-replay": "replay".ljust(32, "0")}))
+    keyed.d.bind(DecodeStepMeta(expect={"r-replay": [7, 8]}, nonces={"r-replay": "replay".ljust(32, "0")}))
     push_through_p(keyed, sched, "p-first", params, 2 * BS)
     assert torch.equal(keyed.d_kv["l0"][7], keyed.p_kv["l0"][0])  # the genuine push landed
     for name in LAYERS:  # D reuses blocks 7 and 8 for another request
@@ -222,7 +223,7 @@ def received(env, sender: TransferEngine | None = None, seconds: float = 1.0) ->
 
 def test_only_the_chosen_p_settles_a_request_on_d(keyed):
     nonce = "chosen".ljust(32, "0")
-    keyed.d.bind(DecodeStepMeta(expect=["r-n"], nonces={"r-n": nonce}))
+    keyed.d.bind(DecodeStepMeta(expect={"r-n": [9]}, nonces={"r-n": nonce}))
     keyed.d.take_counts()
     evil, d_agent = intruder(keyed, "pdpush-p-evil-0")
     try:
@@ -238,6 +239,6 @@ def test_only_the_chosen_p_settles_a_request_on_d(keyed):
         assert keyed.d.take_counts()["notifs_refused"] == len(forged)
     finally:
         evil.close()
-    sched = PrefillScheduler(BS, keyed.config, block_ids=lambda r: [0, 1, 2])
+    sched = PrefillScheduler(BS, keyed.config)
     params = target_params(keyed, keyed.keys, "r-n", (9,), nonce)
     assert push_through_p(keyed, sched, "p-n", params, BS) == {"r-n"}  # the chosen P's word does

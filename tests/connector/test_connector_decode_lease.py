@@ -51,8 +51,8 @@ def test_remote_sends_do_prefill_with_d_blocks_and_expects_kv(sched):
     target = job.kv_transfer_params["pdpush"]
     assert target["d_block_ids"] == [1, 2, 3, 4, 5, 6, 7] and target["skip_tokens"] == 32
     assert job.url == P and job.prompt_token_ids == list(range(100))
-    assert sched.build_meta(None).expect == ["a"]
-    assert sched.build_meta(None).expect == []  # told once
+    assert sched.build_meta(None).expect == {"a": [3, 4, 5, 6, 7]}  # from skip on
+    assert sched.build_meta(None).expect == {}  # told once
     assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # asked again: no second call
 
 

@@ -20,8 +20,8 @@ def test_step_metadata_survives_the_trip_to_the_workers():
     api = pytest.importorskip("pdpush.vllm_api")
     from pdpush.connector.metadata import DecodeStepMeta
 
-    meta = pickle.loads(pickle.dumps(api.StepMeta(DecodeStepMeta(expect=["a"], give_up=["b"]))))
-    assert isinstance(meta, api.StepMeta) and meta.step == DecodeStepMeta(["a"], ["b"])
+    meta = pickle.loads(pickle.dumps(api.StepMeta(DecodeStepMeta(expect={"a": [3]}, give_up=["b"]))))
+    assert isinstance(meta, api.StepMeta) and meta.step == DecodeStepMeta({"a": [3]}, ["b"])
 
 
 def test_worker_counts_reach_the_scheduler_summed():
@@ -36,5 +36,5 @@ def test_worker_counts_reach_the_scheduler_summed():
                     for n in (2, 3))
     total = rank0.aggregate(rank1)
     output = NS(finished_sending=None, finished_recving=None, failed_recving=None,
-                kv_connector_stats=total)
+                invalid_block_ids=set(), kv_connector_stats=total)
     assert api.from_connector_output(output).counts == {"notifs_refused": 5}

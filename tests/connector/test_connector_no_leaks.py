@@ -104,7 +104,8 @@ class PSide:
         """Compute every running prompt in one step; a p_aborts request ends after half."""
         scheduled = {p: (0, view.num_prompt_tokens // (2 if self.kinds[d] == "p_aborts" else 1))
                      for p, (view, d) in self.running.items()}
-        meta = self.sched.build_meta(StepView(scheduled, sum(n for _, n in scheduled.values())))
+        meta = self.sched.build_meta(StepView(scheduled, sum(n for _, n in scheduled.values()),
+                                              new_blocks={p: list(range(8)) for p in scheduled}))
         self.worker.bind(meta)
         for name in LAYERS:
             self.worker.save_kv_layer(name, self.kv[name])
@@ -129,7 +130,7 @@ def test_every_request_leaves_no_state_behind():
     d_worker.register_kv_caches(d_kv)
     p_worker.register_kv_caches(p_kv)
     connect(p_worker, d_worker, port, engine="d")
-    p_sched = PrefillScheduler(BS, PdpushConfig(), block_ids=lambda req_id: list(range(8)))
+    p_sched = PrefillScheduler(BS, PdpushConfig())
     p_side = PSide(p_sched, p_worker, p_kv, kinds)
     p_side.rpc = LoopbackRpc(p_side)
     d_sched = DecodeScheduler(config, BS, "d", client=p_side.rpc)
@@ -146,6 +147,13 @@ def test_every_request_leaves_no_state_behind():
     ids = set(kinds) | {"p" + r for r in kinds}
     for half in (d_sched, d_worker, p_sched, p_worker):
         assert held_ids(half, ids, type(half).__name__) == []
+
+
+def through_vllm(t: Transfers) -> Transfers:
+    """The worker's report as vLLM 0.32's scheduler gets it back: failures per request, the
+    notifications, no failed blocks (this fake gives every request the same D blocks, which
+    vLLM never does)."""
+    return Transfers(t.sent, t.received, t.failed, t.notified)
 
 
 def kinds_count(kinds: dict, *wanted: str) -> int:
@@ -172,7 +180,7 @@ def drive(d_sched, d_worker, p_side, kinds) -> None:
         for req_id in [r for r in meta.expect if kinds[r] == "abort_waiting"]:
             assert d_sched.request_finished(running.pop(req_id))[0] is True  # blocks held
         p_side.step()
-        d_sched.update_connector_output(d_worker.transfer_results(set()))
+        d_sched.update_connector_output(through_vllm(d_worker.transfer_results(set())))
         for req_id, view in list(running.items()):
             rec = d_sched._requests.get(req_id)
             if rec is None or rec.status.name in ("READY", "LOCAL", "FALLBACK"):

@@ -26,21 +26,21 @@ def task(rig, req: str, d_block: int) -> PushTask:
 def test_unexpected_error_posting_fails_only_that_push(rig, monkeypatch):
     real_write = rig.p.engine.write
     monkeypatch.setattr(rig.p.engine, "write", lambda *a, **k: 1 / 0)
-    run_step(rig.p, rig.p_kv, PrefillStepMeta(tasks=[task(rig, "a", 1)]))  # does not raise
-    assert settle(rig.d, rig.p, "A", "a")[1] == {"A"}  # D hears: recompute
+    run_step(rig.p, rig.p_kv, PrefillStepMeta(tasks=[ta := task(rig, "a", 1)]))  # does not raise
+    assert settle(rig.d, rig.p, ta.target, "a")[1] == {"A"}  # D hears: recompute
     monkeypatch.setattr(rig.p.engine, "write", real_write)
-    run_step(rig.p, rig.p_kv, PrefillStepMeta(tasks=[task(rig, "b", 2)]))
-    assert settle(rig.d, rig.p, "B", "b")[1] == set()  # and the next push works
+    run_step(rig.p, rig.p_kv, PrefillStepMeta(tasks=[tb := task(rig, "b", 2)]))
+    assert settle(rig.d, rig.p, tb.target, "b")[1] == set()  # and the next push works
 
 
 def test_stuck_transfer_thread_times_out_the_step_not_the_engine(rig):
     rig.p.config = dataclasses.replace(rig.p.config, prefill_timeout_s=0.5)
     rig.faults.arm("accepted")  # the transfer thread blocks before posting
     start, cpu = time.monotonic(), time.process_time()
-    run_step(rig.p, rig.p_kv, PrefillStepMeta(tasks=[task(rig, "c", 3)]))  # returns, no raise
+    run_step(rig.p, rig.p_kv, PrefillStepMeta(tasks=[tc := task(rig, "c", 3)]))  # returns, no raise
     assert 0.5 <= time.monotonic() - start < 5
     rig.p.finish_writes(["c"])  # a preempted request whose job is still queued: waits, sleeping
     assert time.process_time() - cpu < 0.5 * (time.monotonic() - start)  # no busy spin
     assert rig.p.transfer_results({"c"}).sent == set()  # a job still queued: no notification yet
     rig.faults.release("accepted")
-    assert settle(rig.d, rig.p, "C", "c")[1] == {"C"}
+    assert settle(rig.d, rig.p, tc.target, "c")[1] == {"C"}

@@ -62,7 +62,7 @@ def p():
 def push(p: Side, d: Side, target: PushTarget, layers=LAYERS) -> tuple[set, set]:
     """One whole-prompt step on P (saving `layers`), then both sides poll until P is done."""
     req = target.d_req_id
-    d.worker.bind(DecodeStepMeta(expect=[req], nonces={req: target.nonce}))
+    d.worker.bind(DecodeStepMeta(expect={req: list(target.d_block_ids)}, nonces={req: target.nonce}))
     p.worker.bind(PrefillStepMeta(tasks=[PushTask("p-" + req, target, [0, 1],
                                                   list(target.d_block_ids), last=True)]))
     for name in layers:

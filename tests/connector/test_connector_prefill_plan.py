@@ -20,12 +20,17 @@ def request(req_id: str, n: int, skip: int = 0, budget_s: float = 30.0, d_blocks
     return RequestView(req_id, n, n, [], t.to_params())
 
 
+P_BLOCKS = list(range(10, 20))  # P's blocks 10, 11, ... of every request
+
+
 def step(new=(), cached=(), preempted=()):
-    """new / cached: (req_id, computed_before, scheduled) triples."""
+    """new / cached: (req_id, computed_before, scheduled) triples; new ones get P_BLOCKS."""
     return step_view(NS(
-        scheduled_new_reqs=[NS(req_id=r, num_computed_tokens=c) for r, c, _ in new],
+        scheduled_new_reqs=[NS(req_id=r, num_computed_tokens=c, block_ids=(P_BLOCKS,))
+                            for r, c, _ in new],
         scheduled_cached_reqs=NS(req_ids=[r for r, _, _ in cached],
-                                 num_computed_tokens=[c for _, c, _ in cached]),
+                                 num_computed_tokens=[c for _, c, _ in cached],
+                                 new_block_ids=[None] * len(cached), resumed_req_ids=set()),
         num_scheduled_tokens={r: s for r, _, s in [*new, *cached]},
         total_num_scheduled_tokens=sum(s for _, _, s in [*new, *cached]),
         preempted_req_ids=set(preempted),
@@ -33,7 +38,7 @@ def step(new=(), cached=(), preempted=()):
 
 
 def scheduler():
-    return PrefillScheduler(BS, block_ids=lambda req_id: list(range(10, 20)))  # P's blocks 10, 11, ...
+    return PrefillScheduler(BS)
 
 
 def test_chunked_prefill_pushes_complete_blocks_then_the_partial_tail():

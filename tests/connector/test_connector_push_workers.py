@@ -70,18 +70,20 @@ def run_step(p: PrefillWorker, p_kv: dict, meta: PrefillStepMeta) -> None:
     p.wait_for_save()
 
 
-def settle(d: DecodeWorker, p: PrefillWorker, req: str, p_req: str) -> tuple[set, set]:
-    """Poll both sides (as their steps would) until D reports req and P releases p_req."""
-    d.bind(DecodeStepMeta(expect=[req]))
-    done, failed, released = set(), set(), set()
+def settle(d: DecodeWorker, p: PrefillWorker, t: PushTarget, p_req: str) -> tuple[set, set, set]:
+    """Poll both sides (as their steps would) until D reports t's request and P releases p_req:
+    (received, failed, failed D blocks)."""
+    req = t.d_req_id
+    d.bind(DecodeStepMeta(expect={req: list(t.d_block_ids)}))
+    done, failed, bad_blocks, released = set(), set(), set(), set()
     deadline = time.monotonic() + 20
     while (req not in done or p_req not in released) and time.monotonic() < deadline:
         released |= p.transfer_results({p_req}).sent
         got = d.transfer_results(set())
-        got, bad = got.received, got.failed
-        done, failed = done | got, failed | bad
+        done, failed, bad_blocks = (done | got.received, failed | got.failed,
+                                    bad_blocks | got.failed_blocks)
     assert req in done and p_req in released, (done, released)
-    return done, failed
+    return done, failed, bad_blocks
 
 
 def test_chunked_push_lands_exactly_in_d_blocks(pair):
@@ -89,8 +91,8 @@ def test_chunked_push_lands_exactly_in_d_blocks(pair):
     t = target(port, "r1", [7, 8, 2])
     run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p1", t, [0, 1], [7, 8], last=False)]))
     run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p1", t, [5], [2], last=True)]))
-    _, failed = settle(d, p, "r1", "p1")
-    assert failed == set()
+    _, failed, bad_blocks = settle(d, p, t, "p1")
+    assert failed == set() and bad_blocks == set()
     for name in LAYERS:
         for src, dst in [(0, 7), (1, 8), (5, 2)]:
             assert torch.equal(d_kv[name][dst], p_kv[name][src]), (name, src, dst)
@@ -104,8 +106,8 @@ def test_no_write_after_the_deadline_and_d_hears_it(pair):
     t = target(port, "r2", [10])
     spent = time.monotonic() - 1  # P's own clock says the budget is spent
     run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p2", t, [3], [10], last=True, post_until=spent)]))
-    _, failed = settle(d, p, "r2", "p2")
-    assert failed == {"r2"}
+    _, failed, bad_blocks = settle(d, p, t, "p2")
+    assert failed == {"r2"} and bad_blocks == {10}  # blocks: how vLLM 0.26 learns of it
     assert not any(d_kv[name][10].any() for name in LAYERS)
 
 
@@ -125,7 +127,7 @@ def test_preempted_request_has_no_write_in_flight_before_the_forward(pair):
         progress.join()
     assert p._out["p6"].transfers == []
     run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p6", t, [8], [6], last=True)]))
-    settle(d, p, "r6", "p6")
+    settle(d, p, t, "p6")
     assert all(torch.equal(d_kv[n][9], p_kv[n][7]) and torch.equal(d_kv[n][6], p_kv[n][8])
                for n in LAYERS)
 
@@ -135,8 +137,8 @@ def test_request_stopped_midway_tells_d(pair):
     t = target(port, "r3", [4, 5])
     run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p3", t, [6], [4], last=False)]))
     run_step(p, p_kv, PrefillStepMeta(stopped={"p3": t}))
-    _, failed = settle(d, p, "r3", "p3")
-    assert failed == {"r3"}
+    _, failed, bad_blocks = settle(d, p, t, "p3")
+    assert failed == {"r3"} and bad_blocks == {4, 5}
 
 
 def released_within(p: PrefillWorker, p_req: str, seconds: float) -> bool:
@@ -240,7 +242,7 @@ def wait_for(condition, timeout_s: float = 10.0) -> None:
 def finish_push(pair, req: str, d_block: int) -> None:
     d, p, d_kv, p_kv, _ = pair
     p.wait_for_save()
-    settle(d, p, req, "p" + req)
+    settle(d, p, target(0, req, [d_block]), "p" + req)  # only the id and blocks are read
     assert all(torch.equal(d_kv[name][d_block], p_kv[name][4]) for name in LAYERS)
 
 

@@ -7,22 +7,31 @@ prefilled by D itself ("local"): the only difference between the two runs is whe
 from. Requests carry a `cache_salt`, so a local run never reuses blocks that the remote run left
 in D's prefix cache (and the prefix-cache check shares a salt on purpose).
 
-Both servers run with VLLM_BATCH_INVARIANT=1: without it vLLM on GPU is not batch-invariant and
-two runs of one prompt can differ on near-ties, which would hide or fake a transfer bug. A
-mismatch is recorded with the first differing index and the top-2 logprobs there, so a near-tie
-can be told from wrong KV. Skipped without a CUDA device and a CUDA build of vLLM.
+Both servers run with VLLM_BATCH_INVARIANT=1. What the H200 showed (results/gpu-connector/):
+the blocks P pushes are bit for bit D's own (test_pushed_kv_is_bit_for_bit_d_local_kv), but a
+remote run is not the same computation as a local one: D recomputes the prompt's last token
+alone (a 1-token step over the pushed KV), where a local prefill computes it inside the whole
+prompt; the two differ in low bits from layer 1 on, and greedy tokens then part at near-ties.
+So remote == local is checked exactly where both runs take the same path (the local one with
+the prompt's full blocks in D's prefix cache: test_remote_equals_local_on_the_same_path), and
+elsewhere as "equal, or the first difference is a near-tie" (gpu_helpers.same_up_to_near_tie),
+with the first differing index and the top-2 logprobs recorded. Skipped without a CUDA device
+and a CUDA build of vLLM (PDPUSH_GPU_DRY_RUN=1 rehearses it on the CPU: gpu_helpers).
 """
 
 from __future__ import annotations
 
-import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 from gpu_helpers import (
-    BLOCK_SIZE, DECODE_ARGS, P_CHUNK_TOKENS, PREFILL_ARGS, SERVER_ENV, Recorder, cuda_skip_reason,
-    first_difference, out_dir, top2, with_prefill_tokens,
+    BLOCK_SIZE, DECODE_OPTS, DRY_RUN, FREEZE, P_CHUNK_TOKENS, SERVER_ENV, THAW, Recorder, ask,
+    NEAR_TIE, compare_kv, cuda_skip_reason, first_difference, gpu_cluster, kv_digest, margin,
+    record_pair, same_up_to_near_tie, top2,
+    signal_server,
 )
 
 _reason = cuda_skip_reason()
@@ -31,9 +40,6 @@ if _reason:
 
 from e2e_helpers import complete, make_prompt, stats, tokens, wait_free_blocks, where  # noqa: E402
 
-from pdpush.local.cluster import LocalCluster, free_port  # noqa: E402
-
-MAX_TOKENS = 32
 LENGTHS = [1, 17, 300, 1500, 6000]  # 6000 spans three of P's 2048-token chunks
 # D recomputes a prompt's last token itself, so a 1-token prompt has nothing to push: D serves it
 # locally even when the client asks for remote (pdpush.policy, "nothing_to_push").
@@ -42,70 +48,18 @@ PUSHED = [n for n in LENGTHS if n >= 2]
 
 @pytest.fixture(scope="module")
 def cluster(gpu_model, recorder: Recorder):
-    from vllm import __version__ as vllm_version
-    from vllm.platforms import current_platform
-
-    d_stats, p_stats = free_port(), free_port()
-    decode_opts = {"remote_threshold_tokens": 64, "side_channel_port": free_port(),
-                   "stats_port": d_stats, "prefill_timeout_s": 60.0, "lease_grace_s": 5.0,
-                   "health_interval_s": 1.0, "test_allow_prefill_tokens": True}
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in SERVER_ENV.items():
-            env.setenv(name, value)
-        env.setenv("PDPUSH_TEST_MODE", "1")  # the must-fail control's test seam (D inherits it)
-        env.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
-        t0 = time.monotonic()
-        with LocalCluster(gpu_model, 1, decode_opts=decode_opts, prefill_opts={"stats_port": p_stats},
-                          decode_args=DECODE_ARGS, prefill_args=PREFILL_ARGS,
-                          log_dir=out_dir() / "logs") as c:
-            recorder.note(vllm=vllm_version, device=current_platform.get_device_name(0),
-                          servers_up_s=round(time.monotonic() - t0, 1), server_env=SERVER_ENV,
-                          prefill_args=PREFILL_ARGS, decode_args=DECODE_ARGS)
-            c.d_stats, c.p_stats = d_stats, p_stats
-            c.baseline = {d_stats: stats(d_stats)["free_blocks"], p_stats: stats(p_stats)["free_blocks"]}
-            try:
-                yield c
-            finally:
-                recorder.note(d_stats_end=_safe_stats(d_stats), p_stats_end=_safe_stats(p_stats))
-
-
-def _safe_stats(port: int) -> Any:
-    try:
-        return stats(port)
-    except Exception as exc:  # the report must be written even when a server is gone
-        return f"unreachable: {exc}"
+    with gpu_cluster(gpu_model, recorder, SERVER_ENV) as c:
+        yield c
 
 
 @pytest.fixture(autouse=True)
 def blocks_back_to_baseline(cluster):
+    """vLLM's free-block counts return to their start on both (P only while it is alive)."""
     yield
     for port, baseline in cluster.baseline.items():
+        if port == cluster.p_stats and not cluster.prefills[0].alive():
+            continue
         assert wait_free_blocks(port, baseline) == baseline, f"leaked blocks: {stats(port)}"
-
-
-def ask(cluster, prompt: list[int], salt: str, mode: str,
-        tokens_for_p: list[int] | None = None) -> tuple[dict, float]:
-    """One greedy request to D; mode "remote" makes D use P whatever the prompt's length."""
-    params: dict[str, Any] = {"pdpush_prefill": mode}
-    if tokens_for_p is not None:
-        params = with_prefill_tokens(params, tokens_for_p)
-    t0 = time.monotonic()
-    body = complete(cluster.decode.url, prompt, MAX_TOKENS, kv_transfer_params=params,
-                    cache_salt=salt, logprobs=2, return_tokens_as_token_ids=True)
-    return body, round(time.monotonic() - t0, 3)
-
-
-def record_pair(recorder: Recorder, name: str, prompt: list[int], remote: tuple[dict, float],
-                local: tuple[dict, float], **details: Any) -> bool:
-    """Compare a remote and a local run, write the comparison to the report, return equality."""
-    (r_body, r_s), (l_body, l_s) = remote, local
-    diff = first_difference(tokens(r_body), tokens(l_body))
-    if diff is not None:
-        details.update(remote_top2=top2(r_body, diff), local_top2=top2(l_body, diff),
-                       remote_tokens=tokens(r_body), local_tokens=tokens(l_body))
-    recorder.check(name, diff is None, prompt_tokens=len(prompt), where=where(r_body),
-                   first_diff=diff, remote_s=r_s, local_s=l_s, **details)
-    return diff is None
 
 
 @pytest.mark.parametrize("n", LENGTHS)
@@ -117,6 +71,19 @@ def test_remote_equals_local_on_d(cluster, recorder, n):
                         p_chunks=-(-n // P_CHUNK_TOKENS))
     assert where(remote[0])["prefill"] == ("remote" if n in PUSHED else "local"), where(remote[0])
     assert where(local[0])["prefill"] == "local", where(local[0])
+    assert equal or same_up_to_near_tie(remote[0], local[0]), (tokens(remote[0]), tokens(local[0]))
+
+
+def test_remote_equals_local_on_the_same_path(cluster, recorder):
+    """Exact: one token more than 40 blocks. The local reference runs twice with one salt, so its
+    second run finds the 40 blocks in D's prefix cache and computes the last token alone, as D
+    does after a push. Same KV bytes, same steps: the same tokens, bit for bit."""
+    prompt = make_prompt(40 * BLOCK_SIZE + 1, 88)
+    ask(cluster, prompt, "path-local", "local")  # fills D's prefix cache
+    local = ask(cluster, prompt, "path-local", "local")
+    remote = ask(cluster, prompt, "path-remote", "remote")
+    equal = record_pair(recorder, "remote_eq_local_same_path_641", prompt, remote, local)
+    assert where(remote[0])["prefill"] == "remote", where(remote[0])
     assert equal, (tokens(remote[0]), tokens(local[0]))
 
 
@@ -131,7 +98,7 @@ def test_partial_prefix_hit_on_d(cluster, recorder):
     equal = record_pair(recorder, "prefix_hit_600_of_1000", shared, remote, local, expected_skip=hit)
     assert where(remote[0])["prefill"] == "remote"
     assert where(remote[0])["skip_tokens"] == hit
-    assert equal, (tokens(remote[0]), tokens(local[0]))
+    assert equal or same_up_to_near_tie(remote[0], local[0]), (tokens(remote[0]), tokens(local[0]))
 
 
 def test_control_wrong_kv_continues_the_other_prompt(cluster, recorder):
@@ -142,21 +109,137 @@ def test_control_wrong_kv_continues_the_other_prompt(cluster, recorder):
     local_a = ask(cluster, a, "control-a", "local")
     local_b = ask(cluster, b, "control-b", "local")
     mixed = ask(cluster, b, "control-mixed", "remote", tokens_for_p=a)
-    differ = tokens(local_a[0]) != tokens(local_b[0])
-    equal = record_pair(recorder, "control_b_with_a_kv_gives_a", b, mixed, local_a,
-                        a_and_b_differ=differ)
-    assert differ, "A and B give the same tokens: the control could not fail"
+    differ = not same_up_to_near_tie(local_a[0], local_b[0])
+    like_a = same_up_to_near_tie(mixed[0], local_a[0])
+    record_pair(recorder, "control_b_with_a_kv_gives_a", b, mixed, local_a, a_and_b_differ=differ,
+                like_a_up_to_near_tie=like_a)
+    assert differ, "A and B give the same tokens (or part at a near-tie): the control could not fail"
     assert where(mixed[0])["prefill"] == "remote"
-    assert equal, (tokens(mixed[0]), tokens(local_a[0]), tokens(local_b[0]))
+    assert like_a, (tokens(mixed[0]), tokens(local_a[0]), tokens(local_b[0]))
 
 
 def test_first_tokens_agree_and_nothing_fell_back(cluster, recorder):
-    """P's greedy first token equals D's for every remote request (checked by D's connector)."""
+    """D's connector compares P's greedy first token with D's for every remote request. P's comes
+    from a whole prefill, D's from its 1-token step after the push, so they may part where D's
+    two best first tokens are a near-tie (module docstring): every mismatch must be one of those."""
     complete(cluster.decode.url, [42], 1)  # P's answers may land after D finished: one more step
     d = stats(cluster.d_stats)
-    ok = d["first_token_mismatch"] == 0 and d["fallback"] == 0 and d["first_token_checked"] > 0
-    recorder.check("d_stats_first_token_and_fallback", ok,
+    flips = [(where(b)["p_first_token"], tokens(b)[0], top2(b, 0)) for b in cluster.remote_runs
+             if where(b).get("p_first_token") not in (None, tokens(b)[0])]
+    near_ties = all(top and f"token_id:{p}" in top and margin(top) < NEAR_TIE for p, _, top in flips)
+    ok = d["first_token_mismatch"] == len(flips) and near_ties and d["fallback"] == 0
+    recorder.check("d_stats_first_token_and_fallback", ok, p_vs_d_first_token_flips=flips,
                    **{k: d[k] for k in ("first_token_checked", "first_token_mismatch", "fallback")})
     assert d["first_token_checked"] >= len(PUSHED)
-    assert d["first_token_mismatch"] == 0
+    assert d["first_token_mismatch"] == len(flips) and near_ties, flips
     assert d["fallback"] == 0
+
+
+def test_pushed_kv_is_bit_for_bit_d_local_kv(cluster, recorder):
+    """The blocks P pushed against the blocks D computes for the same prompt (D's /kv_digest).
+    One token more than 40 blocks: the last block holds only the prompt's last token, which D
+    recomputes itself in the remote run, so blocks 0-39 are P's bytes alone. max_tokens=1: no
+    decode step writes into the blocks afterwards."""
+    prompt = make_prompt(40 * BLOCK_SIZE + 1, 77)
+    kv_digest(cluster)  # snapshot
+    remote = ask(cluster, prompt, "kv-remote", "remote", max_tokens=1)
+    pushed = kv_digest(cluster)
+    ask(cluster, prompt, "kv-local", "local", max_tokens=1)
+    local = kv_digest(cluster)
+    got = compare_kv(pushed, local)
+    p_only = [i for i in got["unmatched"] if i < got["blocks"] - 1]
+    recorder.check("kv_pushed_eq_d_local_bitwise", not p_only, prompt_tokens=len(prompt),
+                   where=where(remote[0]), layers=pushed["layers"], **got,
+                   note="unmatched: block index -> per layer, an equal block exists in D's run")
+    assert where(remote[0])["prefill"] == "remote" and got["blocks"] == 41, got
+    assert got["local_blocks_written"] == 41, got
+    assert not p_only, got
+
+
+def background(cluster, seed: int, max_tokens: int = 256):
+    """D's other request: a local one decoding many tokens while the remote one has trouble."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(lambda: (ask(cluster, make_prompt(200, seed), f"bg-{seed}", "local",
+                                      max_tokens=max_tokens), time.monotonic()))
+    pool.shutdown(wait=False)
+    return future
+
+
+def check_background(future, trouble_over: float, max_tokens: int = 256) -> dict[str, Any]:
+    (body, seconds), done_at = future.result(timeout=180)
+    assert len(tokens(body)) == max_tokens
+    return {"bg_tokens": len(tokens(body)), "bg_s": seconds,
+            "bg_done_before_trouble_over": done_at < trouble_over}
+
+
+def test_p_past_its_deadline_d_falls_back_and_keeps_decoding(cluster, recorder):
+    """P frozen past D's deadline: D falls back once the lease ends (deadline + grace), decodes its
+    other request meanwhile; P, thawed after, writes nothing (the fixture checks the counts)."""
+    prompt = make_prompt(1500, 31)
+    local = ask(cluster, prompt, "deadline-local", "local")
+    signal_server(cluster.prefills[0], FREEZE)
+    try:
+        bg = background(cluster, 32)
+        remote = ask(cluster, prompt, "deadline-remote", "remote")
+        over = time.monotonic()
+    finally:
+        signal_server(cluster.prefills[0], THAW)
+    bg_info = check_background(bg, over)
+    lease = DECODE_OPTS["prefill_timeout_s"] + DECODE_OPTS["lease_grace_s"]
+    ok = (where(remote[0])["prefill"] == "fallback" and tokens(remote[0]) == tokens(local[0])
+          and bg_info["bg_done_before_trouble_over"])
+    recorder.check("p_past_deadline_falls_back", ok, prompt_tokens=len(prompt),
+                   where=where(remote[0]), remote_s=remote[1], local_s=local[1], lease_s=lease,
+                   **bg_info)
+    assert where(remote[0])["prefill"] == "fallback", where(remote[0])
+    assert lease <= remote[1] < lease + 15
+    assert tokens(remote[0]) == tokens(local[0])
+    assert bg_info["bg_done_before_trouble_over"]
+    time.sleep(2.0)  # D's health checks (every 1 s) see the thawed P again
+
+
+def test_client_abort_while_waiting_for_kv(cluster, recorder):
+    """P frozen: the request surely waits for KV when the client gives up; D keeps decoding its
+    other request, and the blocks come back once P (thawed) confirms or the lease ends."""
+    before = stats(cluster.d_stats)["aborted_waiting"]
+    prompt = make_prompt(1500, 41)
+    signal_server(cluster.prefills[0], FREEZE)
+    try:
+        bg = background(cluster, 42)
+        with pytest.raises(httpx.TimeoutException):
+            ask(cluster, prompt, "abort", "remote", timeout=1.5)
+        bg_info = check_background(bg, float("inf"))
+    finally:
+        signal_server(cluster.prefills[0], THAW)
+    after = stats(cluster.d_stats)["aborted_waiting"]
+    recorder.check("client_abort_while_waiting", after == before + 1, prompt_tokens=len(prompt),
+                   aborted_waiting=after, **bg_info)
+    assert after == before + 1
+
+
+def test_p_killed_mid_push_d_falls_back(cluster, recorder):
+    """Last in the module (it ends P). Long prompts in flight on P (several chunks each) when P is
+    frozen and then killed: every request completes with D's local tokens, D's blocks come back."""
+    prompts = {i: make_prompt(6000, 50 + i) for i in range(4)}
+    local = {i: ask(cluster, p, f"kill-local-{i}", "local") for i, p in prompts.items()}
+    pool = ThreadPoolExecutor(len(prompts) + 1)
+    futures = {i: pool.submit(ask, cluster, p, f"kill-{i}", "remote") for i, p in prompts.items()}
+    time.sleep(0.15 if not DRY_RUN else 3.0)
+    signal_server(cluster.prefills[0], FREEZE)
+    in_flight = stats(cluster.d_stats)["waiting_for_kv"]
+    bg = background(cluster, 60)
+    cluster.prefills[0].kill()
+    bodies = {i: f.result(timeout=120)[0] for i, f in futures.items()}
+    over = time.monotonic()
+    pool.shutdown()
+    bg_info = check_background(bg, over)
+    places = [where(b)["prefill"] for b in bodies.values()]
+    # The fallbacks are recomputed together, in chunks of D's token budget: not one local
+    # prefill each, so equal up to a near-tie (see the module docstring).
+    diffs = [first_difference(tokens(bodies[i]), tokens(local[i][0])) for i in prompts]
+    alike = all(same_up_to_near_tie(bodies[i], local[i][0]) for i in prompts)
+    recorder.check("p_killed_mid_push", alike and "fallback" in places, waiting_at_kill=in_flight,
+                   places=places, first_diffs=diffs, **bg_info)
+    assert in_flight > 0, "no request was waiting for KV when P died: the check tested nothing"
+    assert "fallback" in places
+    assert alike, diffs

@@ -29,9 +29,11 @@ def scheduler_output(new: dict[str, tuple[int, int]], cached: dict[str, tuple[in
     """Shaped like vllm.v1.core.sched.output.SchedulerOutput: id -> (computed, scheduled)."""
     scheduled = {rid: n for rid, (_, n) in (new | cached).items()}
     return SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=r, num_computed_tokens=c) for r, (c, _) in new.items()],
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, num_computed_tokens=c, block_ids=([],))
+                            for r, (c, _) in new.items()],
         scheduled_cached_reqs=SimpleNamespace(
-            req_ids=list(cached), num_computed_tokens=[c for c, _ in cached.values()]
+            req_ids=list(cached), num_computed_tokens=[c for c, _ in cached.values()],
+            new_block_ids=[None] * len(cached), resumed_req_ids=set(),
         ),
         num_scheduled_tokens=scheduled,
         total_num_scheduled_tokens=sum(scheduled.values()),

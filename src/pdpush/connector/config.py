@@ -30,7 +30,8 @@ PROBE_TIMER = ("auto", "cuda", "cpu")
 # Settings that break a guarantee on purpose (the controls of tests that must be able to fail):
 # an engine accepts them, set to anything but their default, only when TEST_MODE_ENV is "1".
 TEST_MODE_ENV = "PDPUSH_TEST_MODE"
-TEST_ONLY_KEYS = ("test_allow_prefill_tokens", "debug_skip_layer_event", "debug_delay_layer_us")
+TEST_ONLY_KEYS = ("test_allow_prefill_tokens", "debug_skip_layer_event", "debug_delay_layer_us",
+                  "debug_kv_digest")
 
 
 class ConfigError(ValueError):
@@ -160,6 +161,8 @@ class PdpushConfig:
     # Tests only: a directory of fault triggers (connector/faults.py); refused unless the
     # environment has PDPUSH_FAULT_HOOKS=1.
     fault_hooks_dir: str = ""
+    # Test only (PDPUSH_TEST_MODE=1), D: serve /kv_digest (per-layer hashes of KV blocks) on the side channel.
+    debug_kv_digest: bool = False
     # D: the step probe; off unless it names a log or a metrics endpoint.
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     # Test only (PDPUSH_TEST_MODE=1), P: post each layer's WRITE without waiting for its CUDA

@@ -72,7 +72,7 @@ class DecodeScheduler:
     stats_server: Any = None
     blocks: BlockAccess | None = None  # D's KV cache manager (prefix-cache eviction)
     _requests: dict[str, DecodeRequest] = field(default_factory=dict)
-    _expect: list[str] = field(default_factory=list)  # for the next step's workers
+    _expect: dict[str, list[int]] = field(default_factory=dict)  # for the next step's workers
     _nonces: dict[str, str] = field(default_factory=dict)  # their nonces, for the workers
 
     def __post_init__(self) -> None:
@@ -136,7 +136,7 @@ class DecodeScheduler:
         rec.push_blocks = tuple(block_ids[skip // self.block_size:])
         sp = request.sampling
         rec.plain_greedy = sp is not None and sp.temperature < 1e-5 and sp.plain
-        self._expect.append(rec.req_id)
+        self._expect[rec.req_id] = list(rec.push_blocks)
         self._nonces[rec.req_id] = target.nonce
         self.counters.remote += 1
 
@@ -161,7 +161,7 @@ class DecodeScheduler:
         meta = DecodeStepMeta(expect=self._expect, give_up=give_up, nonces=self._nonces)
         if self.config.probe.enabled and step is not None:
             meta.batch_stats = batch_stats_from(step)
-        self._expect, self._nonces = [], {}
+        self._expect, self._nonces = {}, {}
         return meta
 
     def update_connector_output(self, transfers: Transfers) -> None:
@@ -177,7 +177,8 @@ class DecodeScheduler:
                 continue
             if rec.aborted:
                 self._drop(rec)  # vLLM frees R's blocks now: nothing more to track
-            elif req_id in transfers.failed:
+            elif req_id in transfers.failed or not transfers.failed_blocks.isdisjoint(
+                    rec.push_blocks):  # failed blocks: how vLLM 0.26 reports a failure
                 self.counters.fallback += 1
                 rec.status = Status.FALLBACK
                 assert rec.placement is not None

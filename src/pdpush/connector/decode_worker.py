@@ -9,8 +9,11 @@ it is what frees blocks the scheduler held at the lease's end (connector/quarant
 A notification counts only if it is the chosen P's: it carries the request's nonce (which only
 that P received, in its signed target), names the NIXL agent that sent it and, with a key, is
 signed (Notif.refusal); anything else is counted (`notifs_refused` in /stats) and ignored.
+The failed ones come with the D blocks P was to fill (vLLM 0.26 learns of a failure only
+from those blocks).
 On the first rank it also runs the step probe (pdpush.probe) around each forward, when
-configured: `bind` opens the step, `wait_for_save` closes it.
+configured: `bind` opens the step, `wait_for_save` closes it (steps without a forward are not
+opened: vLLM 0.26 calls no wait_for_save for them).
 """
 
 from __future__ import annotations
@@ -52,13 +55,16 @@ class DecodeWorker:
         self.fence: ReceiveFence | None = None
         self.server: JsonServer | None = None
         self.kv: LocalKV | None = None
+        self.digest: Any = None  # kv_digest.KVDigest when config.debug_kv_digest
         self.rx_bytes = 0  # bytes P reported written into this rank, for the step probe
-        self._expected: dict[str, str] = {}  # request -> its nonce
+        self._expected: dict[str, list[int]] = {}  # req -> D blocks P fills
+        self._nonces: dict[str, str] = {}  # expected request -> its nonce
         self._early: dict[str, list[tuple[Notif, str, float]]] = {}  # with sender and arrival
         self._counts = {"notifs_refused": 0}
         self._done: set[str] = set()
         self._failed: set[str] = set()
         self._notified: set[str] = set()  # verified notifications, for the quarantine
+        self._failed_blocks: set[int] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = LocalKV.from_caches(kv_caches, self.num_blocks)
@@ -67,7 +73,13 @@ class DecodeWorker:
         device = self.kv.placement.device if self.kv.placement.kind == "VRAM" else None
         self.fence = ReceiveFence.for_device(device)
         port = self.config.side_channel_port + self.rank
-        self.server = JsonServer(self.config.side_channel_host, port, {"/meta": self.describe})
+        routes = {"/meta": self.describe}
+        if self.config.debug_kv_digest:
+            from pdpush.connector.kv_digest import KVDigest
+
+            self.digest = KVDigest(kv_caches, self.num_blocks)
+            routes["/kv_digest"] = self.digest.changed
+        self.server = JsonServer(self.config.side_channel_host, port, routes)
         log.info("pdpush D rank %d: %d layers registered, metadata on %s:%d (fence ordering %d)",
                  self.rank, len(self.kv.layer_names), self.config.side_channel_host, port,
                  self.fence.ordering)
@@ -81,18 +93,20 @@ class DecodeWorker:
 
     def bind(self, meta: DecodeStepMeta) -> None:
         """Before the forward: which requests to expect or give up on; the probe's step opens."""
-        if self.probe is not None:
+        self._batch_stats = meta.batch_stats
+        if self.probe is not None and meta.batch_stats is not None and meta.batch_stats.num_reqs:
             self.probe.step_begin()
-            self._batch_stats = meta.batch_stats
+        self._expected.update(meta.expect)
+        if self.digest is not None:
+            self.digest.expected.update(meta.expect)
         for req_id in meta.expect:
-            self._expected[req_id] = meta.nonces.get(req_id, "")
+            self._nonces[req_id] = meta.nonces.get(req_id, "")
             for notif, sender, _ in self._early.pop(req_id, []):
                 if req_id in self._expected:
                     self._receive(notif, sender)
         for req_id in meta.give_up:
-            if self._expected.pop(req_id, None) is not None:
-                self._done.add(req_id)
-                self._failed.add(req_id)
+            if req_id in self._expected:
+                self._fail(req_id)
 
     def handle_preemptions(self, meta: DecodeStepMeta) -> None:
         return  # D writes nothing a preempted request could race with
@@ -108,9 +122,11 @@ class DecodeWorker:
     def transfer_results(self, finished_req_ids: set[str]) -> Transfers:
         """Received and failed since the last call; failed ones are received too (vLLM's rule)."""
         self._poll()
-        done, failed, notified = self._done, self._failed, self._notified
-        self._done, self._failed, self._notified = set(), set(), set()
-        return Transfers(received=done, failed=failed, notified=dict.fromkeys(notified, 1))
+        result = Transfers(received=self._done, failed=self._failed,
+                           notified=dict.fromkeys(self._notified, 1),
+                           failed_blocks=self._failed_blocks)
+        self._done, self._failed, self._notified, self._failed_blocks = set(), set(), set(), set()
+        return result
 
     def _poll(self) -> None:
         if self.engine is None:
@@ -141,7 +157,7 @@ class DecodeWorker:
 
     def _receive(self, notif: Notif, sender: str) -> None:
         """Settle the request on its chosen P's word; count and ignore anyone else's."""
-        refusal = notif.refusal(sender, self._expected[notif.d_req_id], self.keys)
+        refusal = notif.refusal(sender, self._nonces[notif.d_req_id], self.keys)
         if refusal:
             self._counts["notifs_refused"] += 1
             log.warning("pdpush: %s: ignored a notification: %s", notif.d_req_id, refusal)
@@ -153,16 +169,23 @@ class DecodeWorker:
         return counts
 
     def _settle(self, notif: Notif) -> None:
-        del self._expected[notif.d_req_id]
         self._notified.add(notif.d_req_id)
-        self._done.add(notif.d_req_id)
         self.rx_bytes += notif.nbytes
         if notif.ok:
+            del self._expected[notif.d_req_id], self._nonces[notif.d_req_id]
+            self._done.add(notif.d_req_id)
             assert self.fence is not None
             self.fence.after_writes()
         else:
             log.warning("pdpush: %s: P stopped pushing: %s", notif.d_req_id, notif.reason)
-            self._failed.add(notif.d_req_id)
+            self._fail(notif.d_req_id)
+
+    def _fail(self, req_id: str) -> None:
+        """Received without usable KV: the request and the blocks P was to fill."""
+        self._failed_blocks.update(self._expected.pop(req_id))
+        del self._nonces[req_id]
+        self._done.add(req_id)
+        self._failed.add(req_id)
 
     def close(self) -> None:
         if self.probe is not None:

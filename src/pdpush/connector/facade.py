@@ -66,10 +66,12 @@ class PdpushConnector(api.ConnectorBase):
     def wait_for_save(self) -> None:
         self.worker.wait_for_save()
 
-    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+    def transfers(self, finished_req_ids: set[str]) -> api.Transfers:
+        """Handed to vLLM in its version's form by api.ConnectorBase (get_transfer_results or
+        get_finished + get_block_ids_with_load_errors)."""
         transfers = self.worker.transfer_results(finished_req_ids)
         self._notified = transfers.notified  # vLLM asks for the worker metadata next
-        return api.to_transfer_results(transfers)
+        return transfers
 
     def build_connector_worker_meta(self) -> Any:
         notified, self._notified = self._notified, {}
@@ -98,9 +100,9 @@ class PdpushConnector(api.ConnectorBase):
         self.sched.update_state_after_alloc(api.request_view(request),
                                             api.first_group_block_ids(blocks), num_external_tokens)
 
-    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
-        super().bind_kv_cache_manager(kv_cache_manager)
-        self.sched.bind_blocks(api.BlockAccess(kv_cache_manager))
+    def bind_blocks(self, blocks: api.BlockAccess) -> None:
+        """From vLLM's bind_gpu_block_pool (api.ConnectorBase)."""
+        self.sched.bind_blocks(blocks)
 
     def build_connector_meta(self, scheduler_output: Any) -> Any:
         return api.StepMeta(self.sched.build_meta(api.step_view(scheduler_output)))

@@ -175,8 +175,9 @@ class PrefillStepMeta:
 
 @dataclass
 class DecodeStepMeta:
-    # D requests whose KV is now on its way: match their notifications.
-    expect: list[str] = field(default_factory=list)
+    # D requests whose KV is now on its way: match their notifications. Value: the D blocks P
+    # is to fill (from skip_tokens on), reported as load errors if it fails (vLLM 0.26's way).
+    expect: dict[str, list[int]] = field(default_factory=dict)
     # D requests whose remote prefill is over without KV (P error, lease ended): report failed.
     give_up: list[str] = field(default_factory=list)
     # The nonce of each request in `expect`: only a notification carrying it is P's word.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,14 +35,13 @@ class Push:
     next_block: int  # first prompt block not yet handed to the workers
     post_until: float = float("inf")  # P's monotonic clock: no WRITE posted after it
     planned_last: bool = False
+    p_block_ids: list[int] = field(default_factory=list)  # P's blocks, from the steps (StepView)
 
 
 @dataclass
 class PrefillScheduler:
     block_size: int
     config: PdpushConfig = field(default_factory=PdpushConfig)
-    # req_id -> P's block ids (BlockAccess.block_ids once vLLM bound its cache manager)
-    block_ids: Callable[[str], Sequence[int]] | None = None
     stats_server: Any = None
     _pushes: dict[str, Push] = field(default_factory=dict)
     _errors: dict[str, str] = field(default_factory=dict)
@@ -122,6 +120,10 @@ class PrefillScheduler:
         meta = PrefillStepMeta(stopped=self._stopped,
                                preempted=[r for r in step.preempted if r in self._pushes])
         self._stopped = {}
+        for req_id, ids in step.new_blocks.items():
+            push = self._pushes.get(req_id)
+            if push is not None:
+                push.p_block_ids = ids if req_id in step.resumed else push.p_block_ids + ids
         for req_id, (computed, num_new) in step.scheduled.items():
             push = self._pushes.get(req_id)
             if push is None or push.planned_last:
@@ -142,8 +144,7 @@ class PrefillScheduler:
             return None
         push.next_block = max(start, end)
         push.planned_last = last
-        assert self.block_ids is not None, "bind_blocks() comes before the first step"
-        p_ids = list(self.block_ids(req_id)[start:end]) if end > start else []
+        p_ids = push.p_block_ids[start:end] if end > start else []
         return PushTask(req_id, push.target, p_ids, list(push.target.d_block_ids[start:end]), last,
                         push.post_until)
 
@@ -175,7 +176,6 @@ class PrefillScheduler:
         return push
 
     def bind_blocks(self, blocks: BlockAccess) -> None:
-        self.block_ids = blocks.block_ids
         self.stats_server = serve_scheduler_stats(self.config, "P", blocks, self.stats)
 
     def update_connector_output(self, transfers: Transfers) -> None:
