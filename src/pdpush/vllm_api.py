@@ -37,6 +37,7 @@ def _vllm() -> SimpleNamespace:
     """vLLM's connector API, loaded once on first use."""
     import vllm
     from vllm.distributed.kv_transfer.kv_connector.v1 import base
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
     version = tuple(int(x) for x in vllm.__version__.split(".")[:2])
     if version not in SUPPORTED:
@@ -48,6 +49,24 @@ def _vllm() -> SimpleNamespace:
 
         def __init__(self, step: Any) -> None:
             self.step = step
+
+    class WorkerCounts(KVConnectorStats):
+        """Counter increments from the workers (e.g. refused notifications), summed on the way
+        to the scheduler, whose /stats exports them."""
+
+        def reset(self) -> None:
+            self.data = {}
+
+        def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+            for name, value in other.data.items():
+                self.data[name] = self.data.get(name, 0) + value
+            return self
+
+        def reduce(self) -> dict[str, int | float]:
+            return dict(self.data)
+
+        def is_empty(self) -> bool:
+            return not any(self.data.values())
 
     class WorkerMeta(base.KVConnectorWorkerMetadata):
         """Worker → scheduler, once per step. `notified`: D requests whose P notification
@@ -71,12 +90,12 @@ def _vllm() -> SimpleNamespace:
 
     # Pickled between the scheduler and worker processes: found again as pdpush.vllm_api.StepMeta
     # (module __getattr__ below), the same class object in every process.
-    for cls in (StepMeta, WorkerMeta):
+    for cls in (StepMeta, WorkerMeta, WorkerCounts):
         cls.__qualname__ = cls.__name__
         cls.__module__ = __name__
 
     return SimpleNamespace(base=base, StepMeta=StepMeta, WorkerMeta=WorkerMeta,
-                           ConnectorBase=connector_base(base))
+                           WorkerCounts=WorkerCounts, ConnectorBase=connector_base(base))
 
 
 def connector_base(base: Any) -> type:
@@ -120,10 +139,8 @@ def connector_base(base: Any) -> type:
 def __getattr__(name: str) -> Any:
     if name == "ConnectorBase":
         return _vllm().ConnectorBase
-    if name == "StepMeta":
-        return _vllm().StepMeta
-    if name == "WorkerMeta":
-        return _vllm().WorkerMeta
+    if name in ("StepMeta", "WorkerMeta", "WorkerCounts"):
+        return getattr(_vllm(), name)
     raise AttributeError(name)
 
 
@@ -139,6 +156,9 @@ class EngineSetup:
     num_blocks: int
     extra: dict[str, Any]  # kv_connector_extra_config
     ranks: int = 1  # tensor-parallel workers: each reports P's notifications on its own
+    instance_id: str = ""  # per start of the engine (the same in its scheduler and workers)
+    # What P and D must agree on before P writes (connector/compat.py compares them).
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 def engine_setup(vllm_config: Any, role: Any, kv_cache_config: Any) -> EngineSetup:
@@ -146,7 +166,24 @@ def engine_setup(vllm_config: Any, role: Any, kv_cache_config: Any) -> EngineSet
     return EngineSetup(kv.kv_role, role == _vllm().base.KVConnectorRole.SCHEDULER,
                        str(kv.engine_id), vllm_config.cache_config.block_size,
                        kv_cache_config.num_blocks, dict(kv.kv_connector_extra_config or {}),
-                       vllm_config.parallel_config.tensor_parallel_size)
+                       vllm_config.parallel_config.tensor_parallel_size,
+                       str(vllm_config.instance_id), engine_identity(vllm_config))
+
+
+def engine_identity(vllm_config: Any) -> dict[str, Any]:
+    """Model, dtypes and KV geometry per rank: a P may write into a D only if they are equal."""
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    served = model.served_model_name
+    return {
+        "model": served[0] if isinstance(served, list) else str(served or model.model),
+        "architecture": model.architecture,
+        "dtype": str(model.dtype),
+        "kv_cache_dtype": str(vllm_config.cache_config.cache_dtype),
+        "block_size": vllm_config.cache_config.block_size,
+        "layers": model.get_num_layers(parallel),
+        "kv_heads_per_rank": model.get_num_kv_heads(parallel),
+        "tp_size": parallel.tensor_parallel_size,
+    }
 
 
 def tensor_parallel_rank() -> int:
@@ -289,6 +326,17 @@ class Transfers:
     failed_blocks: set[int] = field(default_factory=set)
     # D: req_id -> (monotonic time D's worker saw P's notification, P's WRITE offsets in ms)
     arrivals: dict[str, tuple[float, tuple[float, ...]]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # workers' counter increments
+
+
+def worker_counts(counts: dict[str, int]) -> Any:
+    """A worker's counter increments as vLLM's KVConnectorStats (None when nothing changed)."""
+    return _vllm().WorkerCounts(data=dict(counts)) if any(counts.values()) else None
+
+
+def counts_from_stats(data: dict[str, Any] | None) -> Any:
+    """vLLM's stats logger rebuilds the connector's stats from their dict (build_kv_connector_stats)."""
+    return _vllm().WorkerCounts(data=dict(data)) if data else None
 
 
 def from_connector_output(output: Any) -> Transfers:
@@ -296,11 +344,13 @@ def from_connector_output(output: Any) -> Transfers:
     `invalid_block_ids` (vLLM 0.26, where 0.32 also reports them for other connectors' loads).
     `kv_connector_worker_meta` (the workers' WorkerMeta, merged) is in both 0.26 and 0.32."""
     meta = getattr(output, "kv_connector_worker_meta", None)
+    stats = getattr(output, "kv_connector_stats", None)
     return Transfers(set(output.finished_sending or ()), set(output.finished_recving or ()),
                      set(getattr(output, "failed_recving", None) or ()),
                      dict(getattr(meta, "notified", None) or {}),
                      set(output.invalid_block_ids or ()),
-                     dict(getattr(meta, "arrivals", None) or {}))
+                     dict(getattr(meta, "arrivals", None) or {}),
+                     dict(stats.data) if stats is not None else {})
 
 
 def worker_meta(notified: dict[str, int], arrivals: dict[str, Any]) -> Any:

@@ -21,7 +21,7 @@ from connector_pool import RefPool
 torch = pytest.importorskip("torch")
 pytest.importorskip("nixl")
 
-from test_connector_push_workers import BLOCKS, BS, LAYERS, caches, run_step  # noqa: E402
+from test_connector_push_workers import BLOCKS, BS, LAYERS, caches, connect, run_step  # noqa: E402
 
 from pdpush.connector.config import PdpushConfig  # noqa: E402
 from pdpush.connector.decode_scheduler import DecodeScheduler  # noqa: E402
@@ -49,6 +49,7 @@ def rig(tmp_path, monkeypatch):
     d_kv, p_kv = caches(False), caches(True)
     d.register_kv_caches(d_kv)
     p.register_kv_caches(p_kv)
+    connect(p, d, port)
     yield NS(d=d, p=p, d_kv=d_kv, p_kv=p_kv, d_cfg=d_cfg, faults=FaultHooks(str(tmp_path)))
     p.close()
     d.close()

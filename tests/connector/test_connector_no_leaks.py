@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("nixl")
 
 from pdpush.local.cluster import free_port  # noqa: E402
+from test_connector_push_workers import connect  # noqa: E402
 from pdpush.connector.config import PdpushConfig  # noqa: E402
 from pdpush.connector.decode_scheduler import DecodeScheduler  # noqa: E402
 from pdpush.connector.decode_worker import DecodeWorker  # noqa: E402
@@ -128,6 +129,7 @@ def test_every_request_leaves_no_state_behind():
     d_kv = {name: torch.zeros(BLOCKS, 2, BS, WIDTH) for name in LAYERS}  # alive while NIXL writes
     d_worker.register_kv_caches(d_kv)
     p_worker.register_kv_caches(p_kv)
+    connect(p_worker, d_worker, port, engine="d")
     p_sched = PrefillScheduler(BS, PdpushConfig())
     p_side = PSide(p_sched, p_worker, p_kv, kinds)
     p_side.rpc = LoopbackRpc(p_side)

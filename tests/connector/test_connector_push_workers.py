@@ -8,6 +8,7 @@ blocks, nothing elsewhere, and a completion (or failure) notification.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import threading
 import time
 
@@ -49,6 +50,16 @@ def pair():
 
 def target(port: int, req: str, d_blocks) -> PushTarget:
     return PushTarget(req, "d-engine", f"127.0.0.1:{port}", tuple(d_blocks), 0, BS, 30.0)
+
+
+def connect(p: PrefillWorker, d: DecodeWorker, port: int, engine: str = "d-engine") -> None:
+    """P connects to D in the background (peer_links.py): tests that time P's first pushes
+    start from a connected P, as a P that already served that D would be."""
+    t = PushTarget("warm-up", engine, f"127.0.0.1:{port}", (), 0, BS, 30.0)
+    deadline = time.monotonic() + 10
+    while p.links.lookup(t).pending and time.monotonic() < deadline:
+        d.transfer_results(set())
+    assert not p.links.lookup(t).error
 
 
 def run_step(p: PrefillWorker, p_kv: dict, meta: PrefillStepMeta) -> None:
@@ -130,11 +141,35 @@ def test_request_stopped_midway_tells_d(pair):
     assert failed == {"r3"} and bad_blocks == {4, 5}
 
 
+def released_within(p: PrefillWorker, p_req: str, seconds: float) -> bool:
+    """The connection to D is made in the background: poll P's steps' results for a while."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if p_req in p.transfer_results({p_req}).sent:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_unreachable_d_stops_the_push_without_crashing_p(pair):
     _, p, _, p_kv, _ = pair
     t = target(free_port(), "r4", [1])
     run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p4", t, [2], [1], last=True)]))
-    assert p.transfer_results({"p4"}).sent == {"p4"}  # nothing in flight: released at once
+    assert released_within(p, "p4", 2.0)  # nothing in flight: released once the connect failed
+
+
+def test_a_silent_d_does_not_block_p_steps(pair):
+    """A side channel that accepts but never answers: P's step goes on, the connect times out."""
+    _, p, _, p_kv, _ = pair
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        t = target(silent.getsockname()[1], "r9", [1])
+        started = time.monotonic()
+        run_step(p, p_kv, PrefillStepMeta(tasks=[PushTask("p9", t, [2], [1], last=True)]))
+        assert p.transfer_results({"p9"}).sent == set()  # still connecting, the step did not wait
+        assert time.monotonic() - started < 1.0
+        assert released_within(p, "p9", p.config.side_channel_timeout_s + 3)
 
 
 class HeldEvent:

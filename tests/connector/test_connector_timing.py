@@ -83,7 +83,7 @@ def test_write_times_travel_in_the_notification():
     times.last_done, times.notified = 100.005, 100.006
     offsets = times.offsets()
     assert offsets == (1.0, 4.0, 5.0, 6.0)
-    notif = Notif.decode(Notif("a", True, 10, "", offsets).encode())
+    notif = Notif.decode(Notif("a", True, 10, "", times=offsets).encode())
     assert notif is not None and notif.times == offsets
     assert WriteTimes(0.0).offsets() == ()  # no admit time known: nothing to report
     old = b'{"d_req_id":"a","ok":true,"nbytes":1,"reason":""}'  # a P from before timings

@@ -40,6 +40,11 @@ def where(body: dict) -> dict:
     return (body.get("kv_transfer_params") or {}).get("pdpush", {})
 
 
+def placement(body: dict) -> dict:
+    """Where the prefill ran and why, without the stage timings (tests/connector/test_connector_timing.py)."""
+    return {k: v for k, v in where(body).items() if k != "timing"}
+
+
 def stats(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
 

@@ -20,7 +20,8 @@ from e2e_helpers import (
     LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks, where,
 )
 
-from pdpush.local.cluster import VllmServer, free_port
+from pdpush.connector.auth import write_key_file
+from pdpush.local.cluster import PREFILL_MIDDLEWARE, VllmServer, free_port
 from pdpush.connector.config import decode_kv_config, prefill_kv_config
 
 pytestmark = pytest.mark.e2e
@@ -44,11 +45,14 @@ def reference(tiny_model: Path) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path, reference):
     ports = {name: free_port() for name in ("P0", "P1", "D")}
-    prefills = [VllmServer(f"fail-{name}", tiny_model, cpu_core=1, extra_args=P_ARGS,
-                           kv_transfer_config=prefill_kv_config(stats_port=ports[name]),
+    key_file = write_key_file()  # authenticated, as every served cluster should be
+    auth = {"auth_key_file": str(key_file)}
+    prefills = [VllmServer(f"fail-{name}", tiny_model, cpu_core=1,
+                           extra_args=[*P_ARGS, "--middleware", PREFILL_MIDDLEWARE],
+                           kv_transfer_config=prefill_kv_config(stats_port=ports[name], **auth),
                            log_dir=LOG_DIR) for name in ("P0", "P1")]
     d_config = decode_kv_config(
-        [p.url for p in prefills], remote_threshold_tokens=64, side_channel_port=free_port(),
+        [p.url for p in prefills], remote_threshold_tokens=64, side_channel_port=free_port(), **auth,
         stats_port=ports["D"], prefill_timeout_s=TIMEOUT_S, lease_grace_s=GRACE_S,
         health_interval_s=1.0, retry_after_s=RETRY_S)
     decode = VllmServer("fail-D", tiny_model, kv_transfer_config=d_config, cpu_core=0, log_dir=LOG_DIR)
@@ -65,6 +69,7 @@ def cluster(tiny_model: Path, reference):
     finally:
         for server in servers:
             server.stop()
+        key_file.unlink()
 
 
 @pytest.fixture(autouse=True)

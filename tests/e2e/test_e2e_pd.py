@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import base64
 import io
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from e2e_helpers import (
     LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks, where,
+    placement,
 )
 
+from pdpush.connector.auth import Keys
+from pdpush.connector.metadata import PushTarget
 from pdpush.local.cluster import LocalCluster, free_port
 
 pytestmark = pytest.mark.e2e
@@ -128,7 +133,7 @@ def test_prompt_embeds_are_prefilled_locally(cluster, reference):
     body = complete(cluster.decode.url, None, MAX_TOKENS,
                     prompt_embeds=base64.b64encode(buf.getvalue()).decode(),
                     kv_transfer_params={"pdpush_prefill": "remote"})
-    assert where(body) == {"prefill": "local", "reason": "prompt_embeds"}
+    assert placement(body) == {"prefill": "local", "reason": "prompt_embeds"}
     assert tokens(body) == reference["long"]
 
 
@@ -145,16 +150,46 @@ def test_bad_client_params_are_reported(cluster, reference):
     assert tokens(body) == reference["long"]  # served locally, correctly
 
 
+def cluster_keys(cluster) -> Keys:
+    return Keys.parse(cluster.key_file.read_text(), "the cluster's key file")
+
+
 def test_bad_push_target_is_rejected_by_p(cluster):
-    body = complete(cluster.prefills[0].url, LONG, 1,
-                    kv_transfer_params={"pdpush": {"d_req_id": "x", "d_block_ids": [1]}})
+    """Signed with the cluster's key but malformed: P's scheduler names the field."""
+    raw = {"d_req_id": "x", "d_block_ids": [1], "nonce": "n" * 32}
+    raw["signature"] = cluster_keys(cluster).sign(raw)
+    body = complete(cluster.prefills[0].url, LONG, 1, kv_transfer_params={"pdpush": raw})
     assert "is missing" in body["kv_transfer_params"]["pdpush_error"]
+
+
+def test_forged_do_prefill_straight_to_p_is_refused_with_403(cluster):
+    """Anyone reaching P's port: a target naming D's real side channel and blocks, unsigned or
+    signed with another key, or a replayed one, never reaches P's engine."""
+    side_channel = f"127.0.0.1:{cluster.decode_opts['side_channel_port']}"
+    d_meta = httpx.get(f"http://{side_channel}/meta", timeout=5).json()  # anyone can read it
+    forged = PushTarget("victim", d_meta["engine_id"], side_channel, (1, 2, 3), 0, 16,
+                        time.time() + 30, "f" * 32, d_meta["instance_id"])
+    # The control: signed with the cluster's key, it passes the signature check and fails the
+    # next one (no D there), so nothing is written into the real D by this test.
+    dead = replace(forged, side_channel=f"127.0.0.1:{free_port()}", nonce="c" * 32)
+    signed = dead.to_params(cluster_keys(cluster))
+    attempts = [(signed, 503, "pdpush_d_unreachable"), (forged.to_params(), 403, "pdpush_forbidden"),
+                (forged.to_params(Keys(b"not-the-cluster-key")), 403, "pdpush_forbidden"),
+                (signed, 403, "pdpush_forbidden")]  # replayed
+    before = stats(cluster.p_stats)
+    for params, status, kind in attempts:
+        resp = httpx.post(f"{cluster.prefills[0].url}/v1/completions", timeout=60,
+                          json={"prompt": LONG[:40], "max_tokens": 1, "kv_transfer_params": params})
+        assert (resp.status_code, resp.json()["error"]["type"]) == (status, kind), resp.text
+    after = stats(cluster.p_stats)
+    for name in ("pushed_requests", "rejected_requests", "tracked_requests"):
+        assert after[name] == before[name], name  # the engine never saw any of them
 
 
 def test_client_can_force_local_prefill(cluster, reference):
     body = complete(cluster.decode.url, MULTI_CHUNK, MAX_TOKENS,
                     kv_transfer_params={"pdpush_prefill": "local"})
-    assert where(body) == {"prefill": "local", "reason": "client_asked_local"}
+    assert placement(body) == {"prefill": "local", "reason": "client_asked_local"}
     assert tokens(body) == reference["multi_chunk"]
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pdpush.connector.faults import FAULT_HOOKS_ENV, fault_hooks_allowed
+from pdpush.connector.auth import AuthError, Keys, load_keys
+from pdpush.connector.network import detect_address, is_local_host, is_loopback, url_host
 from pdpush.policy import PolicyConfig
 
 MODULE_PATH = "pdpush.connector.facade"
@@ -139,12 +141,21 @@ class PdpushConfig:
     # environment; such requests must carry a cache_salt and their blocks are kept out of D's
     # prefix cache (docs/architecture.md, "Decisions and outcomes").
     test_allow_prefill_tokens: bool = False
-    # D: worker rank r serves its NIXL metadata on side_channel_port + r.
+    # D: worker rank r serves its NIXL metadata on side_channel_host:side_channel_port + r
+    # (the address it binds: 0.0.0.0 for every interface).
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = 5600
+    # D: the address its Ps reach the side channel at (sent in the push target). Empty: the
+    # side_channel_host if that is one address, else the local address that routes to the Ps.
+    advertise_host: str = ""
     # Both: serve live connector stats (free KV blocks, decisions, fallbacks) as JSON on
-    # side_channel_host:stats_port/stats from the scheduler process; 0 = off.
+    # stats_host:stats_port/stats (and Prometheus text on /metrics) from the scheduler; 0 = off.
+    stats_host: str = "127.0.0.1"
     stats_port: int = 0
+    # Both: the shared key that signs push targets and P's notifications (connector/auth.py):
+    # a file holding it, or the name of an environment variable holding it; never the key.
+    auth_key_file: str = ""
+    auth_key_env: str = ""
     # P: how long P waits for D's side channel before giving up on a request.
     side_channel_timeout_s: float = 5.0
     # Tests only: a directory of fault triggers (connector/faults.py); refused unless the
@@ -221,6 +232,36 @@ class PdpushConfig:
         test_only = [k for k in TEST_ONLY_KEYS if getattr(self, k) != defaults[k]]
         if test_only:
             require_test_mode(test_only)
+        self.keys()
+
+    def keys(self) -> Keys | None:
+        """The shared key(s) named by auth_key_file / auth_key_env, None when unauthenticated."""
+        try:
+            return load_keys(self.auth_key_file, self.auth_key_env)
+        except AuthError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def check_served(self, role: str) -> None:
+        """At engine start on D: the Ps must be able to reach and trust this D (network.py)."""
+        if role != DECODE_ROLE:
+            return
+        remote = [url for url in self.prefill_urls if not is_local_host(url_host(url))]
+        if remote and self.keys() is None:
+            raise ConfigError(f"pdpush: P {remote[0]} is not on this host and no shared key is "
+                              "set: give auth_key_file or auth_key_env (on D and every P)")
+        host = self.side_channel_address()
+        if remote and is_loopback(host):
+            raise ConfigError(f"pdpush: D would tell P {remote[0]} to reach its side channel at "
+                              f"{host}, a loopback address: set advertise_host (and "
+                              "side_channel_host) to an address the Ps can reach")
+
+    def side_channel_address(self) -> str:
+        """The host D's push targets name for its side channel (advertise_host, or detected)."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.side_channel_host not in ("0.0.0.0", "::", ""):
+            return self.side_channel_host
+        return detect_address([url_host(url) for url in self.prefill_urls])
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(self.remote_threshold_tokens, self.max_inflight_per_prefill,

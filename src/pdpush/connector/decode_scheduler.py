@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pdpush.connector.auth import new_nonce
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.decode_request import DecodeRequest, Placement, Status
 from pdpush.connector.metadata import (
@@ -57,6 +58,8 @@ class DecodeCounters:
     aborted_waiting: int = 0
     first_token_checked: int = 0
     first_token_mismatch: int = 0  # plain greedy: P's token differs from D's = suspected corruption
+    # Notifications the workers ignored: not from the chosen P (nonce, agent or signature).
+    notifs_refused: int = 0
 
 
 @dataclass
@@ -67,6 +70,7 @@ class DecodeScheduler:
     client: Any = None  # PrefillClient; tests pass a stand-in
     ranks: int = 1  # D's tensor-parallel workers
     quarantine: Quarantine = field(init=False)
+    instance_id: str = ""  # this start of D (P checks it against the side channel's)
     policy: Policy = field(init=False)
     counters: DecodeCounters = field(default_factory=DecodeCounters)
     stats_server: Any = None
@@ -75,8 +79,11 @@ class DecodeScheduler:
     _expect: dict[str, list[int]] = field(default_factory=dict)  # for the next step's workers
     _before_first_step: set[str] = field(default_factory=set)  # prefilled, not yet scheduled
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_TIMINGS))
+    _nonces: dict[str, str] = field(default_factory=dict)  # their nonces, for the workers
 
     def __post_init__(self) -> None:
+        self.keys = self.config.keys()
+        self.side_channel = f"{self.config.side_channel_address()}:{self.config.side_channel_port}"
         self.policy = Policy.for_urls(self.config.policy_config(), self.config.prefill_urls)
         self.quarantine = Quarantine(self.ranks)
         if self.client is None:
@@ -124,13 +131,12 @@ class DecodeScheduler:
         skip = request.num_prompt_tokens - num_external
         budget = self.config.prefill_timeout_s
         deadline = time.monotonic() + budget
-        target = PushTarget(rec.req_id, self.engine_id,
-                            f"{self.config.side_channel_host}:{self.config.side_channel_port}",
-                            tuple(block_ids), skip, self.block_size, budget)
+        target = PushTarget(rec.req_id, self.engine_id, self.side_channel, tuple(block_ids),
+                            skip, self.block_size, budget, new_nonce(), self.instance_id)
         _, tokens = self._client_hint(request)  # validated in the match step
         self.client.submit(PrefillJob(
             rec.req_id, rec.url, tokens or list(request.prompt_token_ids),
-            _sampling_for_p(request.sampling), target.to_params(), deadline,
+            _sampling_for_p(request.sampling), target.to_params(self.keys), deadline,
         ))
         self.policy.started(rec.url)
         rec.status, rec.lease_end = Status.WAITING_FOR_KV, deadline + self.config.lease_grace_s
@@ -139,6 +145,7 @@ class DecodeScheduler:
         sp = request.sampling
         rec.plain_greedy = sp is not None and sp.temperature < 1e-5 and sp.plain
         self._expect[rec.req_id] = list(rec.push_blocks)
+        self._nonces[rec.req_id] = target.nonce
         self.counters.remote += 1
 
     def build_meta(self, step: StepView | None) -> DecodeStepMeta:
@@ -161,14 +168,15 @@ class DecodeScheduler:
             self._note_first_steps(step)
         for req_id, url in self.quarantine.to_ask(now, self.config.health_interval_s):
             self.client.ask_release(url, req_id)
-        meta = DecodeStepMeta(expect=self._expect, give_up=give_up)
+        meta = DecodeStepMeta(expect=self._expect, give_up=give_up, nonces=self._nonces)
         if self.config.probe.enabled and step is not None:
             meta.batch_stats = batch_stats_from(step)
-        self._expect = {}
+        self._expect, self._nonces = {}, {}
         return meta
 
     def update_connector_output(self, transfers: Transfers) -> None:
         now = time.monotonic()
+        self.counters.notifs_refused += transfers.counts.get("notifs_refused", 0)
         self._collect_rpc()
         self.quarantine.confirmed(transfers.notified)
         for req_id, n in transfers.notified.items():

@@ -31,11 +31,10 @@ class PdpushConnector(api.ConnectorBase):
         self.config = PdpushConfig.from_extra_config(setup.extra, setup.kv_role)
         self._notified: dict[str, int] = {}  # worker side: this step's Transfers.notified
         if setup.scheduler_side:
-            self.sched = make_scheduler_half(setup.kv_role, self.config, setup.block_size,
-                                             setup.engine_id, setup.ranks)
+            self.config.check_served(setup.kv_role)
+            self.sched = make_scheduler_half(setup, self.config)
         else:
-            self.worker = make_worker_half(setup.kv_role, self.config, setup.engine_id,
-                                           api.tensor_parallel_rank(), setup.num_blocks)
+            self.worker = make_worker_half(setup, self.config, api.tensor_parallel_rank())
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -79,6 +78,15 @@ class PdpushConnector(api.ConnectorBase):
         to the scheduler half."""
         notified, self._notified = self._notified, {}
         return api.worker_meta(notified, self.worker.take_arrivals())
+
+    def get_kv_connector_stats(self) -> Any:
+        """The worker's counter increments since the last step (the scheduler's /stats sums them)."""
+        worker = getattr(self, "worker", None)
+        return api.worker_counts(worker.take_counts()) if worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        return api.counts_from_stats(data)
 
     def shutdown(self) -> None:
         for half in (getattr(self, "sched", None), getattr(self, "worker", None)):

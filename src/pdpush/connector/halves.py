@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from pdpush.connector.config import DECODE_ROLE, PdpushConfig
-from pdpush.vllm_api import BlockAccess, RequestView, StepView, Transfers
+from pdpush.vllm_api import BlockAccess, EngineSetup, RequestView, StepView, Transfers
 
 
 class SchedulerHalf(Protocol):
@@ -51,27 +51,29 @@ class WorkerHalf(Protocol):
 
     # D: {req_id: (monotonic arrival of P's notification, P's WRITE offsets)} since the last call
     def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]: ...
+    # Counter increments since the last call, summed into the scheduler's /stats.
+    def take_counts(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
 
 
-def make_scheduler_half(kv_role: str, config: PdpushConfig, block_size: int,
-                        engine_id: str, ranks: int = 1) -> SchedulerHalf:
-    if kv_role == DECODE_ROLE:
+def make_scheduler_half(setup: EngineSetup, config: PdpushConfig) -> SchedulerHalf:
+    if setup.kv_role == DECODE_ROLE:
         from pdpush.connector.decode_scheduler import DecodeScheduler
 
-        return DecodeScheduler(config, block_size, engine_id, ranks=ranks)
+        return DecodeScheduler(config, setup.block_size, setup.engine_id, ranks=setup.ranks,
+                               instance_id=setup.instance_id)
     from pdpush.connector.prefill_scheduler import PrefillScheduler
 
-    return PrefillScheduler(block_size, config)
+    return PrefillScheduler(setup.block_size, config)
 
 
-def make_worker_half(kv_role: str, config: PdpushConfig, engine_id: str, rank: int,
-                     num_blocks: int) -> WorkerHalf:
-    if kv_role == DECODE_ROLE:
+def make_worker_half(setup: EngineSetup, config: PdpushConfig, rank: int) -> WorkerHalf:
+    if setup.kv_role == DECODE_ROLE:
         from pdpush.connector.decode_worker import DecodeWorker
 
-        return DecodeWorker(config, engine_id, rank, num_blocks)
+        return DecodeWorker(config, setup.engine_id, rank, setup.num_blocks,
+                            instance_id=setup.instance_id, identity=setup.identity)
     from pdpush.connector.prefill_worker import PrefillWorker
 
-    return PrefillWorker(config, engine_id, rank, num_blocks)
+    return PrefillWorker(config, setup.engine_id, rank, setup.num_blocks, identity=setup.identity)

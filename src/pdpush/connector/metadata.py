@@ -11,9 +11,12 @@ vLLM's KVConnectorMetadata (pdpush.vllm_api.StepMeta).
 
 from __future__ import annotations
 
+import hmac
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from pdpush.connector.auth import SIGNATURE_KEY, Keys
 
 PARAMS_KEY = "pdpush"  # kv_transfer_params[PARAMS_KEY] carries the PushTarget
 CLIENT_MODE_KEY = "pdpush_prefill"  # client → D: "auto" (default), "local" or "remote"
@@ -25,8 +28,17 @@ CLIENT_MODES = ("auto", "local", "remote")
 CLIENT_TOKENS_KEY = "pdpush_prefill_tokens"
 
 
+# A budget is a duration, so a replayed target carries a full one: P remembers each nonce at
+# least this long (and at most auth.NonceMemory's count), docs/architecture.md "Trust model".
+REPLAY_MEMORY_S = 600.0
+
+
 class ParamsError(ValueError):
     """Malformed kv_transfer_params; the message says which field and why."""
+
+
+class Forbidden(ParamsError):
+    """A push target that D did not sign (or signed for another request): P writes nothing."""
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
@@ -47,18 +59,28 @@ class PushTarget:
     # its own monotonic clock (P from the request's arrival, docs/architecture.md "Lease and
     # quarantine"), so clock steps and skew between hosts do not move the lease.
     budget_s: float
+    nonce: str = ""  # per request, random: P accepts it once; P's notification carries it back
+    d_instance_id: str = ""  # D's per-start id; P checks it against D's metadata server
 
-    def to_params(self) -> dict[str, Any]:
-        return {PARAMS_KEY: {**asdict(self), "d_block_ids": list(self.d_block_ids)}}
+    def to_params(self, keys: Keys | None = None) -> dict[str, Any]:
+        """The target as kv_transfer_params, signed over all of its fields when there is a key."""
+        fields = {**asdict(self), "d_block_ids": list(self.d_block_ids)}
+        if keys is not None:
+            fields[SIGNATURE_KEY] = keys.sign(fields)
+        return {PARAMS_KEY: fields}
 
     @classmethod
-    def from_params(cls, params: dict[str, Any] | None) -> "PushTarget | None":
-        """None when the request is not a pdpush prefill; ParamsError when it is but is broken."""
+    def from_params(cls, params: dict[str, Any] | None,
+                    keys: Keys | None = None) -> "PushTarget | None":
+        """None when the request is not a pdpush prefill; ParamsError when it is but is broken;
+        Forbidden (with a key) when its signature does not verify."""
         if not params or PARAMS_KEY not in params:
             return None
         raw = params[PARAMS_KEY]
         if not isinstance(raw, dict):
             raise ParamsError(f"kv_transfer_params.{PARAMS_KEY} must be an object")
+        if keys is not None:
+            check_signature(raw, keys)
         expected = {"d_req_id": str, "d_engine_id": str, "side_channel": str,
                     "d_block_ids": list, "skip_tokens": int, "block_size": int,
                     "budget_s": (int, float)}
@@ -78,7 +100,13 @@ class PushTarget:
         host, _, port = raw["side_channel"].rpartition(":")
         if not host or not port.isdigit():
             raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.side_channel must be host:port")
-        return cls(**{**{k: raw[k] for k in expected}, "d_block_ids": tuple(raw["d_block_ids"])})
+        optional = {k: str(raw[k]) for k in ("nonce", "d_instance_id") if k in raw}
+        return cls(**{**{k: raw[k] for k in expected}, **optional,
+                      "d_block_ids": tuple(raw["d_block_ids"])})
+
+    def replay_window_s(self) -> float:
+        """How long P must remember this target's nonce: until it is refused as expired."""
+        return max(self.budget_s, REPLAY_MEMORY_S)
 
     def check_prompt(self, num_prompt_tokens: int, block_size: int) -> None:
         """P's own geometry must match: same block size, enough D blocks for the prompt."""
@@ -90,6 +118,17 @@ class PushTarget:
                 f"{len(self.d_block_ids)} D blocks for a {num_prompt_tokens}-token prompt "
                 f"(block size {block_size}) but {need} are needed"
             )
+
+
+def check_signature(raw: dict[str, Any], keys: Keys) -> None:
+    """Every field D sent, as sent, must be what D signed, with a nonce; else Forbidden."""
+    fields = {k: v for k, v in raw.items() if k != SIGNATURE_KEY}
+    if SIGNATURE_KEY not in raw:
+        raise Forbidden(f"kv_transfer_params.{PARAMS_KEY} is not signed")
+    if not keys.verify(fields, raw[SIGNATURE_KEY]):
+        raise Forbidden(f"kv_transfer_params.{PARAMS_KEY}: the signature does not verify")
+    if not isinstance(fields.get("nonce"), str) or not fields["nonce"]:
+        raise Forbidden(f"kv_transfer_params.{PARAMS_KEY} has no nonce")
 
 
 def client_mode(params: dict[str, Any] | None,
@@ -142,19 +181,45 @@ class DecodeStepMeta:
     expect: dict[str, list[int]] = field(default_factory=dict)
     # D requests whose remote prefill is over without KV (P error, lease ended): report failed.
     give_up: list[str] = field(default_factory=list)
+    # The nonce of each request in `expect`: only a notification carrying it is P's word.
+    nonces: dict[str, str] = field(default_factory=dict)
     batch_stats: Any = None  # pdpush.probe.BatchStats when the step probe is on
 
 
 @dataclass(frozen=True)
 class Notif:
-    """P's last word on one request: ok after every WRITE completed, else why it stopped."""
+    """P's last word on one request: ok after every WRITE completed, else why it stopped.
+
+    It carries the request's nonce (only the P that D sent the signed target to knows it) and
+    the sending agent's name; with a key, `mac` signs both with the outcome (`signed`)."""
 
     d_req_id: str
     ok: bool
     nbytes: int = 0
     reason: str = ""
+    nonce: str = ""
+    agent: str = ""  # the sender's NIXL agent name; D compares it with NIXL's
+    mac: str = ""
     # P worker's stage offsets in ms (pdpush.connector.timing.P_WORKER_STAGES); () if unknown
     times: tuple[float, ...] = ()
+
+    def _signed_fields(self) -> dict[str, Any]:
+        return {"d_req_id": self.d_req_id, "nonce": self.nonce, "ok": self.ok,
+                "nbytes": self.nbytes, "agent": self.agent}
+
+    def signed(self, keys: Keys | None) -> "Notif":
+        return self if keys is None else replace(self, mac=keys.sign(self._signed_fields()))
+
+    def refusal(self, sender: str, nonce: str | None, keys: Keys | None) -> str:
+        """Why D must ignore this notification ("" when it is the chosen P's word); with
+        `nonce` None only the sender and the HMAC are checked."""
+        if sender != self.agent:
+            return f"sent by NIXL agent {sender!r} but names {self.agent!r}"
+        if nonce is not None and not hmac.compare_digest(self.nonce, nonce):
+            return "wrong nonce"
+        if keys is not None and not keys.verify(self._signed_fields(), self.mac):
+            return "bad signature"
+        return ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -166,6 +231,7 @@ class Notif:
             raw = json.loads(data)
             times = tuple(float(t) for t in raw.get("times", ()))
             return cls(str(raw["d_req_id"]), bool(raw["ok"]), int(raw["nbytes"]), str(raw["reason"]),
-                       times)
+                       str(raw.get("nonce", "")), str(raw.get("agent", "")),
+                       str(raw.get("mac", "")), times)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

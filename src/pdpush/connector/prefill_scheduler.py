@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdpush.connector.auth import NonceMemory
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.faults import FaultHooks
 from pdpush.rpc.release import RELEASED_KEY, Tombstones, release_query
 from pdpush.connector.metadata import (
-    ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
+    Forbidden, ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
 )
 from pdpush.connector.stats import serve_scheduler_stats
 from pdpush.connector.timing import PushTimes
@@ -54,9 +55,23 @@ class PrefillScheduler:
     pushed_requests: int = 0
     planned_tasks: int = 0  # (request, step) pairs handed to the workers: chunks pushed
     rejected_requests: int = 0
+    forbidden_requests: int = 0  # unsigned, badly signed or replayed targets
 
     def __post_init__(self) -> None:
         self.faults = FaultHooks.from_dir(self.config.fault_hooks_dir)
+        self.keys = self.config.keys()
+        self.nonces = NonceMemory()
+        if self.keys is None:
+            log.warning("pdpush: P has no shared key (auth_key_file / auth_key_env): it writes "
+                        "wherever any caller of its OpenAI port tells it to")
+
+    def _admit(self, req_id: str, target: PushTarget) -> None:
+        """Authoritative check of a signed target's nonce (also done by connector/auth_middleware.py,
+        which a request reaching the engine by another way would have skipped)."""
+        if self.keys is None:
+            return
+        if not self.nonces.admit(target.nonce, req_id, time.monotonic() + target.replay_window_s()):
+            raise Forbidden("kv_transfer_params.pdpush: this nonce was already used (replay)")
 
     def get_num_new_matched_tokens(self, request: RequestView, num_computed: int) -> tuple[int, bool]:
         """P loads nothing; this is where the push target is read and validated (idempotent).
@@ -71,11 +86,12 @@ class PrefillScheduler:
         if self.faults is not None:
             self.faults.at("before_accept")
         try:
-            target = PushTarget.from_params(request.kv_transfer_params)
+            target = PushTarget.from_params(request.kv_transfer_params, self.keys)
             if target is None:
                 return 0, False
             if target.d_req_id in self.tombstones:
                 raise ParamsError("D released this request's blocks already (asked P first)")
+            self._admit(req_id, target)
             target.check_prompt(request.num_prompt_tokens, self.block_size)
             if target.budget_s <= self.config.push_stop_margin_s:
                 raise ParamsError(f"budget {target.budget_s}s is not above P's push_stop_margin_s "
@@ -84,6 +100,7 @@ class PrefillScheduler:
             log.error("pdpush: rejecting push for %s: %s", req_id, exc)
             self._errors[req_id] = str(exc)
             self.rejected_requests += 1
+            self.forbidden_requests += isinstance(exc, Forbidden)
             return 0, False
         post_until = time.monotonic() + target.budget_s - self.config.push_stop_margin_s
         self._pushes[req_id] = Push(target, request.num_prompt_tokens,
@@ -157,7 +174,7 @@ class PrefillScheduler:
     def _unseen_push(self, request: RequestView) -> Push | None:
         """A push request aborted before P looked at it: still stop it, so D hears of it."""
         try:
-            target = PushTarget.from_params(request.kv_transfer_params)
+            target = PushTarget.from_params(request.kv_transfer_params, self.keys)
         except ParamsError:
             return None
         if target is None:
@@ -179,6 +196,7 @@ class PrefillScheduler:
     def stats(self) -> dict[str, Any]:
         return {"pushed_requests": self.pushed_requests, "planned_tasks": self.planned_tasks,
                 "rejected_requests": self.rejected_requests,
+                "forbidden_requests": self.forbidden_requests,
                 "held_requests": len(self._held), "tracked_requests": len(self._pushes)}
 
     def close(self) -> None:

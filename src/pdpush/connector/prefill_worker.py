@@ -11,11 +11,15 @@ holds blocks whose push state it does not know when its lease ends (docs/archite
 
 A failure in the push path fails that request's push (D is told and recomputes); it never
 raises into vLLM's forward, which would take P's engine down with every other request.
+
+The connection to D is made off the forward path (connector/peer_links.py): a request whose D is
+not connected yet has its tasks deferred; once the link is up they are posted all layers at once
+(their KV was computed by an earlier forward), and if it fails the request stops pushing. The
+notification carries the request's nonce and this agent's name, signed with the shared key.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,15 +28,19 @@ from typing import Any
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.faults import FaultHooks
 from pdpush.connector.kv_region import LocalKV, RemoteKV
+from pdpush.connector.peer_links import Link, PeerLinks
 from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTarget, PushTask
 from pdpush.connector.timing import WriteTimes
-from pdpush.rpc.json_server import get_json
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
 from pdpush.transfer.layout import RunPlan
 from pdpush.transfer.ordering import OrderedPoster, delay_stream
 from pdpush.vllm_api import Transfers
 
 log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
+# A notification to a D that no WRITE reached yet (e.g. "stopped" before the first) needs the
+# connection set up, which UCX does only while P's agent is polled: P polls this long before
+# it releases the request (and may go idle).
+NOTIF_FLUSH_S = 0.5
 
 
 @dataclass
@@ -50,6 +58,10 @@ class Outgoing:
     stopped: str = ""
     notified: bool = False
     times: WriteTimes = field(default_factory=lambda: WriteTimes(0.0))
+    link: Link | None = None  # the connection to D, once asked for
+    deferred: list[PushTask] = field(default_factory=list)  # computed before D was connected
+    layer_writes: dict[int, int] = field(default_factory=dict)  # D block -> layers posted
+    flush_until: float = 0.0  # keep polling the engine until then: the notification goes out
 
 
 @dataclass
@@ -57,24 +69,29 @@ class WriteJob:
     req_id: str
     out: Outgoing
     runs: list
+    d_blocks: list[int]  # the D blocks this layer's runs fill (counted once posted)
 
 
 class PrefillWorker:
-    def __init__(self, config: PdpushConfig, engine_id: str, rank: int, num_blocks: int) -> None:
+    def __init__(self, config: PdpushConfig, engine_id: str, rank: int, num_blocks: int,
+                 identity: dict[str, Any] | None = None) -> None:
         self.config = config
         self.rank = rank
         self.num_blocks = num_blocks
+        self.identity = identity or {}
+        self.keys = config.keys()
         self.agent_name = f"pdpush-p-{engine_id}-{rank}"
         self.engine: TransferEngine | None = None
         self.kv: LocalKV | None = None
+        self.links: PeerLinks | None = None
         self._layouts: dict[str, Any] = {}
-        self._peers: dict[tuple[str, str], RemoteKV] = {}
         self._out: dict[str, Outgoing] = {}
         self._tasks: list[PushTask] = []
         self._plans: list[tuple[PushTask, RunPlan]] = []  # this step's, built once in bind()
         self._layer_index: dict[str, int] = {}
         self._finished: set[str] = set()  # finished in vLLM, WRITEs maybe still in flight
         self.faults = FaultHooks.from_dir(config.fault_hooks_dir)
+        self._wired: set[str] = set()  # D agents a WRITE completed to: connection is up
         self._poster: OrderedPoster[WriteJob, tuple[WriteJob, Transfer | None, str]] = (
             OrderedPoster(self._post, name=f"pdpush-post-{rank}"))
 
@@ -84,27 +101,68 @@ class PrefillWorker:
         self._layer_index = {name: i for i, name in enumerate(self.kv.layer_names)}
         self.engine = TransferEngine(self.agent_name)
         self.kv.register(self.engine)
+        self.links = PeerLinks(self.engine, self.rank, self.identity, self.keys is not None,
+                               self.config.side_channel_timeout_s)
         log.info("pdpush P rank %d: %d layers registered", self.rank, len(self.kv.layer_names))
 
     def bind(self, meta: PrefillStepMeta) -> None:
-        """Before the forward: this step's tasks (connect to new D ranks first)."""
+        """Before the forward: this step's tasks; those of requests whose D is not connected
+        yet wait (deferred) until `transfer_results` finds the link up."""
         self._tasks = []
         for task in meta.tasks:
             out = self._out.get(task.req_id)
             if out is None:
                 out = self._out[task.req_id] = Outgoing(task.target, task.post_until,
                                                         times=WriteTimes(task.admitted))
-                out.peer = self._connect(task.target, out)
-            if not out.stopped:
+                self._link(out)
+            if out.peer is None and not out.stopped:  # connecting: posted once the link is up
+                out.deferred.append(task)
+            elif not out.stopped:
                 self._tasks.append(task)
             out.complete = out.complete or task.last
         for req_id, target in meta.stopped.items():
             out = self._out.setdefault(req_id, Outgoing(target))
-            if out.peer is None:  # nothing pushed yet: still tell D, so it need not wait the lease
-                out.peer = self._connect(target, out)
+            if out.link is None:  # nothing pushed yet: still tell D, so it need not wait the lease
+                self._link(out)
             if not out.complete:
                 out.stopped = out.stopped or "P's request ended before its prompt was computed"
         self._plans = [(task, plan) for task in self._tasks if (plan := self._plan(task)) is not None]
+
+    def _link(self, out: Outgoing) -> None:
+        """Look up (or start) the connection to the request's D; never waits for it."""
+        assert self.links is not None
+        out.link = self.links.lookup(out.target)
+        self._adopt(out)
+
+    def _adopt(self, out: Outgoing) -> None:
+        """The request's link has an outcome: its peer, or why P must not write."""
+        assert out.link is not None
+        if not out.link.pending:
+            out.peer = out.link.peer
+            if out.link.error:
+                out.stopped = out.stopped or out.link.error
+
+    def _resolve_links(self) -> list[PushTask]:
+        """Requests whose connection was pending: the deferred tasks of those now connected."""
+        late = []
+        for out in self._out.values():
+            if out.link is None or out.link.pending or out.peer is not None:
+                continue
+            self._adopt(out)  # a stopped request gets its peer too: D is told at once
+            if not out.stopped:
+                late += out.deferred
+            out.deferred = []
+        return late
+
+    def _post_all_layers(self, tasks: list[PushTask]) -> None:
+        """Deferred tasks: their KV is complete (an earlier forward wrote it), post every layer."""
+        event = _stream_event(self.kv)
+        for task in tasks:
+            plan = self._plan(task)
+            for index in range(len(self.kv.layer_names) if plan is not None else 0):
+                self._out[task.req_id].queued += 1
+                self._poster.submit(event, WriteJob(task.req_id, self._out[task.req_id],
+                                                    plan.layer(index), task.d_block_ids))
 
     def _plan(self, task: PushTask) -> RunPlan | None:
         """Every layer's byte runs for one task, built before the forward so that each
@@ -164,7 +222,7 @@ class PrefillWorker:
                 self._stop_mapping(task.req_id, out, f"cannot map layer {layer_name} onto D: {exc}")
                 continue
             out.queued += 1
-            self._poster.submit(event, WriteJob(task.req_id, out, runs))
+            self._poster.submit(event, WriteJob(task.req_id, out, runs, task.d_block_ids))
         if self.config.debug_delay_layer_us and getattr(kv_layer, "is_cuda", False):
             delay_stream(self.config.debug_delay_layer_us)  # see _layer_event
 
@@ -196,6 +254,8 @@ class PrefillWorker:
             job.out.queued -= 1
             if xfer is not None:
                 job.out.transfers.append(xfer)
+                for block in job.d_blocks:
+                    job.out.layer_writes[block] = job.out.layer_writes.get(block, 0) + 1
             elif not job.out.stopped:
                 job.out.stopped = error
                 log.warning("pdpush: %s: stopped pushing to D: %s", job.req_id, error)
@@ -207,20 +267,31 @@ class PrefillWorker:
         (vLLM reports a push's finish in the same step whose metadata bound it, or later)."""
         self._finished |= finished_req_ids & self._out.keys()
         self._collect(0.0)
+        late = self._resolve_links()
+        if late:
+            self._post_all_layers(late)
+            self._collect(self.config.prefill_timeout_s)
         if self.engine is not None:
             self.engine.progress()  # a notification on a new connection needs P's progress too
-        released = set()
+        released, flushing = set(), False
         for req_id, out in list(self._out.items()):
             if not self._settled(req_id, out):
+                continue
+            if out.flush_until > time.monotonic():
+                flushing = True
                 continue
             if req_id in self._finished:
                 released.add(req_id)
                 self._finished.discard(req_id)
                 del self._out[req_id]
+        if flushing and self.engine is not None:
+            self.engine.progress()
         return Transfers(sent=released)
 
     def take_arrivals(self) -> dict[str, tuple[float, tuple[float, ...]]]:
         return {}  # P receives no KV
+    def take_counts(self) -> dict[str, int]:
+        return {}  # P's counters live in its scheduler half
 
     def _settled(self, req_id: str, out: Outgoing) -> bool:
         """Poll; once nothing is in flight or queued and the request is complete or stopped,
@@ -233,12 +304,16 @@ class PrefillWorker:
                     continue
                 out.times.last_done = time.monotonic()
                 out.nbytes += xfer.nbytes
+                self._wired.add(xfer.peer)
             except TransferError as exc:
                 out.stopped = out.stopped or str(exc)
             assert self.engine is not None
             self.engine.release(xfer)
         out.transfers = pending
-        if pending or out.queued or not (out.complete or out.stopped):
+        if out.stopped:
+            out.deferred = []
+        connecting = out.link is not None and out.link.pending
+        if pending or out.queued or connecting or out.deferred or not (out.complete or out.stopped):
             return False
         if not out.notified:
             out.notified = True
@@ -251,34 +326,30 @@ class PrefillWorker:
         if self.faults is not None:
             self.faults.at(point)
 
+    def _unwritten(self, out: Outgoing) -> str:
+        """"" when every layer of every block D expects from P was written, else what was not
+        (e.g. a layer whose save_kv_layer never ran)."""
+        t = out.target
+        layers = len(self.kv.layer_names) if self.kv is not None else 0
+        for block in t.d_block_ids[t.skip_tokens // t.block_size:]:
+            if out.layer_writes.get(block, 0) != layers:
+                return (f"D block {block} got {out.layer_writes.get(block, 0)} of {layers} "
+                        "layers: not every layer was pushed")
+        return ""
+
     def _notify(self, req_id: str, out: Outgoing) -> None:
+        out.stopped = out.stopped or self._unwritten(out)
         if out.peer is None or self.engine is None:
             return
         out.times.notified = time.monotonic()
         notif = Notif(out.target.d_req_id, not out.stopped, out.nbytes, out.stopped,
-                      out.times.offsets())
+                      out.target.nonce, self.agent_name, times=out.times.offsets()).signed(self.keys)
         try:
             self.engine.notify(out.peer.agent, notif.encode())
+            if out.peer.agent not in self._wired:
+                out.flush_until = time.monotonic() + NOTIF_FLUSH_S
         except TransferError as exc:
             log.warning("pdpush: %s: could not notify D: %s", req_id, exc)
-
-    def _connect(self, target: PushTarget, out: Outgoing) -> RemoteKV | None:
-        key = (target.side_channel, target.d_engine_id)
-        if key in self._peers:
-            return self._peers[key]
-        host, _, port = target.side_channel.rpartition(":")
-        url = f"http://{host}:{int(port) + self.rank}/meta"
-        try:
-            desc = get_json(url, self.config.side_channel_timeout_s)
-            assert self.engine is not None
-            agent = self.engine.add_peer(base64.b64decode(desc["metadata"]))
-            peer = RemoteKV.from_description(agent, desc)
-        except (OSError, ValueError, KeyError, TransferError) as exc:
-            out.stopped = f"cannot reach D's side channel {url}: {exc}"
-            log.warning("pdpush: %s", out.stopped)
-            return None
-        self._peers[key] = peer
-        return peer
 
     def _post(self, job: WriteJob) -> tuple[WriteJob, Transfer | None, str]:
         """On the transfer thread, after the layer's event: post unless stopped or past
@@ -301,8 +372,21 @@ class PrefillWorker:
 
     def close(self) -> None:
         self._poster.close()
+        if self.links is not None:
+            self.links.close()
         if self.engine is not None:
             self.engine.close()
+
+
+def _stream_event(kv: LocalKV | None) -> Any:
+    """A CUDA event after everything queued so far (earlier forwards) on a GPU; None on the CPU."""
+    if kv is None or kv.placement.kind != "VRAM":
+        return None
+    import torch
+
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _layer_event(kv_layer: Any) -> Any:

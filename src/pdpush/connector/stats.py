@@ -37,6 +37,6 @@ def serve_scheduler_stats(config: "PdpushConfig", role: str, blocks: "BlockAcces
     """A scheduler half's stats with the engine's free/total KV blocks, when stats_port is set."""
     if not config.stats_port:
         return None
-    return serve_stats(config.side_channel_host, config.stats_port,
+    return serve_stats(config.stats_host, config.stats_port,
                        lambda: {"role": role, "free_blocks": blocks.free_blocks(),
                                 "total_blocks": blocks.total_blocks(), **collect()})

@@ -26,6 +26,8 @@ import httpx
 # VLLM_CPU_KVCACHE_SPACE=N instead fixes the KV cache at N GiB and skips that check (vLLM 0.32:
 # vllm/platforms/cpu.py, vllm/v1/worker/cpu_worker.py); 1 GiB holds the tiny model's contexts.
 CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# P's API-server guard against push targets D did not sign (pdpush.connector.auth_middleware).
+PREFILL_MIDDLEWARE = "pdpush.connector.auth_middleware.PushAuthMiddleware"
 
 
 PR_SET_PDEATHSIG = 1
@@ -215,6 +217,11 @@ class LocalCluster(_Started):
     machine), so P's prefill never competes with D's decode for a core. With `gpus` the servers run
     on CUDA devices instead (GpuPlacement), started one after the other there too: vLLM sizes its
     KV cache from the memory it finds free, which another engine loading meanwhile would skew.
+
+    Authenticated by default: a fresh key file (mode 0600, removed by `stop`) is given to D and
+    every P, and the Ps run pdpush's API-server guard (`PREFILL_MIDDLEWARE`), so a push target
+    that D did not sign is refused with 403 (docs/architecture.md, "Trust model").
+    `authenticate=False`, or an `auth_key_file` / `auth_key_env` in the opts, turns that off.
     """
 
     model: Path
@@ -227,18 +234,29 @@ class LocalCluster(_Started):
     log_dir: Path = Path("out/logs")
     gpus: GpuPlacement | None = None
     max_model_len: int = 4096
+    authenticate: bool = True
     prefills: list[VllmServer] = field(default_factory=list, init=False)
     decode: VllmServer | None = field(default=None, init=False)
+    key_file: Path | None = field(default=None, init=False)
 
     def start(self) -> "LocalCluster":
+        from pdpush.connector.auth import write_key_file
         from pdpush.connector.config import decode_kv_config, prefill_kv_config
 
+        keyed = {"auth_key_file", "auth_key_env"} & {*self.decode_opts, *self.prefill_opts}
+        auth, p_args = {}, list(self.prefill_args)
+        if self.authenticate and not keyed:
+            self.key_file = write_key_file()
+            auth = {"auth_key_file": str(self.key_file)}
+        if self.authenticate:
+            p_args += ["--middleware", PREFILL_MIDDLEWARE]
         self.prefills = [
-            self.server(f"P{i}", prefill_kv_config(**self.prefill_opts), self.prefill_args, i)
+            self.server(f"P{i}", prefill_kv_config(**auth, **self.prefill_opts), p_args, i)
             for i in range(self.num_prefill)
         ]
         urls = [p.url for p in self.prefills]
-        self.decode = self.server("D", decode_kv_config(urls, **self.decode_opts), self.decode_args)
+        self.decode = self.server("D", decode_kv_config(urls, **auth, **self.decode_opts),
+                                  self.decode_args)
         for server in self.prefills:
             server.start()
             if self.gpus is not None:
@@ -265,6 +283,9 @@ class LocalCluster(_Started):
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+        if self.key_file is not None:
+            self.key_file.unlink(missing_ok=True)
+            self.key_file = None
 
 
 def kv_cache_settings(gib: float | None, gpus: GpuPlacement | None) -> tuple[dict[str, str], list[str]]:

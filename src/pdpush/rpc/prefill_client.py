@@ -31,6 +31,27 @@ GONE_CHECK_TIMEOUT_S = 2.0
 REJECTED_BEFORE_ENGINE = (401, 403)
 
 
+# Error kinds a P answers before its engine sees the request (pdpush.connector.auth_middleware),
+# as the `type` "pdpush_<kind>" of an OpenAI-style error body; PrefillResult.kind carries them.
+FORBIDDEN = "forbidden"  # 403: the push target's signature or nonce did not verify
+D_UNREACHABLE = "d_unreachable"  # 503: P cannot reach the side channel the target names
+WRONG_D = "wrong_d"  # 503: something else answers there (another D, or another start of it)
+KINDS = (FORBIDDEN, D_UNREACHABLE, WRONG_D)
+
+
+def error_body(status: int, kind: str, message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": f"pdpush_{kind}", "code": status}}
+
+
+def error_kind(body: Any) -> str:
+    """The pdpush error kind of a P's error answer ("" for any other answer)."""
+    try:
+        kind = str(body["error"]["type"]).removeprefix("pdpush_")
+    except (KeyError, TypeError):
+        return ""
+    return kind if kind in KINDS else ""
+
+
 @dataclass
 class PrefillJob:
     req_id: str  # D's engine request id
@@ -56,6 +77,7 @@ class PrefillResult:
     # after was refused too. Nothing of P's can land any more (docs/architecture.md).
     p_gone: bool = False
     cancelled: bool = False  # D abandoned the call (client abort): no verdict on P
+    kind: str = ""  # one of KINDS when P refused before its engine saw the request
     at: float = field(default_factory=time.monotonic)  # when the outcome was known
     sent_at: float = 0.0  # when the HTTP request left (monotonic), for the TTFT breakdown
     p_ms: dict[str, float] | None = None  # P's stage offsets (pdpush.connector.timing.PushTimes)
@@ -202,11 +224,14 @@ class PrefillClient:
         sent_at = time.monotonic()
         resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=None)
         if resp.status_code != 200:
-            # Only an authentication refusal is answered before P's engine sees the request; vLLM
-            # answers 400 also for errors raised after its engine started it (P may have pushed).
+            # Only an authentication refusal (or a pdpush error kind: the API-server guard) is
+            # answered before P's engine sees the request; vLLM answers 400 also for errors
+            # raised after its engine started it (P may have pushed).
+            kind = error_kind(_json_or_none(resp))
             return PrefillResult(job.req_id, job.url, False, error=f"P answered {resp.status_code}: "
-                                 f"{resp.text[:200]}",
-                                 may_have_written=resp.status_code not in REJECTED_BEFORE_ENGINE)
+                                 f"{resp.text[:200]}", kind=kind,
+                                 may_have_written=resp.status_code not in REJECTED_BEFORE_ENGINE
+                                 and not kind)
         data = resp.json()
         choice = data["choices"][0]
         params = data.get("kv_transfer_params") or {}
@@ -252,6 +277,13 @@ def _is_refused(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _json_or_none(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return None
 
 
 def _drain(q: queue.Queue) -> list:

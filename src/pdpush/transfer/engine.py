@@ -184,6 +184,11 @@ class TransferEngine:
         self._peers.add(peer)
         return peer
 
+    def connect(self, peer: str) -> None:
+        """Set up the connection to `peer` now (off the hot path) rather than at the first
+        WRITE or notification; a notification to a peer never written to goes out at once."""
+        self._call("make_connection", peer)
+
     def remove_peer(self, peer: str) -> None:
         if peer in self._peers:
             self._peers.discard(peer)
