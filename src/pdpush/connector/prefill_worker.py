@@ -60,7 +60,9 @@ class Outgoing:
     times: WriteTimes = field(default_factory=lambda: WriteTimes(0.0))
     link: Link | None = None  # the connection to D, once asked for
     deferred: list[PushTask] = field(default_factory=list)  # computed before D was connected
-    layer_writes: dict[int, int] = field(default_factory=dict)  # D block -> layers posted
+    # first D block of a task -> [the task's D blocks, layers posted]: counted per task on the
+    # step's path, spread over blocks only once, when the notification is built (_unwritten)
+    layer_writes: dict[int, list] = field(default_factory=dict)
     flush_until: float = 0.0  # keep polling the engine until then: the notification goes out
 
 
@@ -254,8 +256,7 @@ class PrefillWorker:
             job.out.queued -= 1
             if xfer is not None:
                 job.out.transfers.append(xfer)
-                for block in job.d_blocks:
-                    job.out.layer_writes[block] = job.out.layer_writes.get(block, 0) + 1
+                job.out.layer_writes.setdefault(job.d_blocks[0], [job.d_blocks, 0])[1] += 1
             elif not job.out.stopped:
                 job.out.stopped = error
                 log.warning("pdpush: %s: stopped pushing to D: %s", job.req_id, error)
@@ -331,9 +332,13 @@ class PrefillWorker:
         (e.g. a layer whose save_kv_layer never ran)."""
         t = out.target
         layers = len(self.kv.layer_names) if self.kv is not None else 0
+        posted: dict[int, int] = {}
+        for blocks, n in out.layer_writes.values():
+            for block in blocks:
+                posted[block] = posted.get(block, 0) + n
         for block in t.d_block_ids[t.skip_tokens // t.block_size:]:
-            if out.layer_writes.get(block, 0) != layers:
-                return (f"D block {block} got {out.layer_writes.get(block, 0)} of {layers} "
+            if posted.get(block, 0) != layers:
+                return (f"D block {block} got {posted.get(block, 0)} of {layers} "
                         "layers: not every layer was pushed")
         return ""
 
