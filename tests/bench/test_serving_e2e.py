@@ -24,8 +24,6 @@ def run(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.xfail(reason="after merging the lease/auth work, the remote breakdown lacks "
-                   "decide_to_sent (P's answer time not folded in): open, issue 11", strict=False)
 def test_breakdown_has_every_stage_of_a_remote_prefill_and_a_local_one(run):
     _, report = run
     row = report["breakdown"]["300"]

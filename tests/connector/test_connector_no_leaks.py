@@ -140,7 +140,7 @@ def test_every_request_leaves_no_state_behind():
         p_worker.close()
         d_worker.close()
     assert d_sched.counters.remote_ok == kinds_count(kinds, "remote_ok", "late_p_answer")
-    # Greedy first-token checks, the late ones after D finished (records in AWAITING_P_TOKEN).
+    # Greedy first-token checks, the late ones after D finished (records in AWAITING_P_ANSWER).
     assert d_sched.counters.first_token_checked == d_sched.counters.remote_ok
     assert d_sched.counters.fallback == kinds_count(kinds, "p_rejects", "p_aborts")
     assert d_sched.counters.aborted_waiting == kinds_count(kinds, "abort_waiting")

@@ -112,11 +112,27 @@ def test_p_answer_after_d_finished_still_reaches_stats():
     sched.update_connector_output(Transfers(received={"a"}))
     sched.build_meta(scheduled("a"))
     req.output_token_ids = [7]
-    _, params = sched.request_finished(req)  # greedy, P's answer still to come: AWAITING_P_TOKEN
+    _, params = sched.request_finished(req)  # P's answer still to come: AWAITING_P_ANSWER
     assert "sent" not in params["pdpush"]["timing"]["d_ms"]
+    assert sched.has_pending()  # an idle D keeps stepping until the answer is in
     sched.client.results.append(PrefillResult("a", P, True, first_token=7, sent_at=time.monotonic(),
                                               p_ms={"first_token": 3.0}))
     sched.build_meta(scheduled())
     (entry,) = sched.stats()["recent"]
     assert "sent" in entry["d_ms"] and entry["p_ms"] == {"first_token": 3.0}
     assert sched.counters.first_token_checked == 1 and not sched._requests
+    assert not sched.has_pending()
+
+
+def test_a_finished_request_stops_waiting_for_p_answer_at_its_lease_end():
+    sched = d_sched()
+    req = request("a", 100, temperature=0.7)  # not greedy: waits only for P's stage times
+    go_remote(sched, req)
+    sched.update_connector_output(Transfers(received={"a"}))
+    sched.build_meta(scheduled("a"))
+    req.output_token_ids = [7]
+    sched.request_finished(req)
+    assert sched.has_pending()
+    sched._requests["a"].lease_end = time.monotonic() - 1  # the lease ran out, no answer
+    sched.build_meta(scheduled())
+    assert not sched.has_pending() and not sched._requests

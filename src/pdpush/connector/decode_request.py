@@ -3,8 +3,9 @@
     get_num_new_matched_tokens: remote → CHOSEN, local → LOCAL
     update_state_after_alloc:   CHOSEN → WAITING_FOR_KV (do_prefill sent, blocks under the lease)
     update_connector_output:    WAITING_FOR_KV → READY (KV in) or FALLBACK (failed, recomputed)
-    request_finished:           → DONE, or AWAITING_P_TOKEN (greedy, P's answer still to come),
-                                   which becomes DONE when P's answer is compared
+    request_finished:           → DONE, or AWAITING_P_ANSWER (READY, P's answer still to come:
+                                   its first token to compare, its stage times), which becomes
+                                   DONE when P's answer arrives or the lease ends
     abort while WAITING_FOR_KV: → DONE once the workers report the blocks free
 
 A record is dropped from `DecodeScheduler` when it becomes DONE, on every path.
@@ -25,7 +26,7 @@ class Status(enum.Enum):
     READY = "ready"  # P's KV arrived; the request decodes on D
     LOCAL = "local"  # prefilled on D from the start
     FALLBACK = "fallback"  # the remote prefill failed; recomputed on D (or failed: on_failure)
-    AWAITING_P_TOKEN = "awaiting_p_token"  # finished on D; P's first token still to compare
+    AWAITING_P_ANSWER = "awaiting_p_answer"  # finished on D; P's answer (token, times) to come
     DONE = "done"  # gone from the scheduler
 
 

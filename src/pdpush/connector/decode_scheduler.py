@@ -16,9 +16,11 @@ Life of a remote prefill on D (request R), by vLLM hook:
    never hands them to another request while a WRITE may still land.
 5. `request_finished`: R's placement goes back to the client as `kv_transfer_params.pdpush` (with
    the stage timings of pdpush.connector.timing, also kept for /stats) and the record is
-   dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or
-   plain greedy with P's first token still unknown (AWAITING_P_TOKEN until P's answer is
-   compared; with on_first_token_mismatch other than "log" its blocks leave the prefix cache).
+   dropped, except: aborted while WAITING_FOR_KV (blocks held until step 3), or decoded from
+   P's KV before P's answer arrived (AWAITING_P_ANSWER: P's first token is still to compare and
+   its stage times still to record; with on_first_token_mismatch other than "log" its blocks
+   leave the prefix cache). D keeps stepping until that answer comes (`has_pending`), at most
+   until the lease ends, so that an idle D still records it.
 """
 
 from __future__ import annotations
@@ -151,10 +153,12 @@ class DecodeScheduler:
     def build_meta(self, step: StepView | None) -> DecodeStepMeta:
         self._collect_rpc()
         now = time.monotonic()
-        give_up = []
+        give_up, late = [], []
         for rec in self._requests.values():
             if rec.foreign_kv and rec.status is Status.READY:
                 self._evict(rec)  # vLLM caches arrived blocks when R resumes: undo it every step
+            if rec.status is Status.AWAITING_P_ANSWER and now > rec.lease_end:
+                late.append(rec)  # P's call is abandoned by then: its answer will not come
             if rec.status is not Status.WAITING_FOR_KV:
                 continue
             if not rec.give_up and now > rec.lease_end:
@@ -164,6 +168,8 @@ class DecodeScheduler:
                 rec.give_up = True
             if rec.give_up:
                 give_up.append(rec.req_id)
+        for rec in late:
+            self._drop(rec)
         if step is not None and self._before_first_step:
             self._note_first_steps(step)
         for req_id, url in self.quarantine.to_ask(now, self.config.health_interval_s):
@@ -225,7 +231,9 @@ class DecodeScheduler:
             rec.recent = {"prefill": rec.placement.prefill, **rec.placement.timing}
             self.recent.append(rec.recent)
         self._check_first_token(rec, request.output_token_ids)
-        if rec.status is not Status.AWAITING_P_TOKEN:
+        if rec.status is Status.READY and not rec.p_answered:
+            rec.status = Status.AWAITING_P_ANSWER
+        else:
             self._drop(rec)
         return False, {"pdpush": rec.placement.to_params()}
 
@@ -236,8 +244,10 @@ class DecodeScheduler:
 
     def has_pending(self) -> bool:
         """While blocks are held vLLM must keep stepping: each step polls P's notifications
-        and asks P about the held requests, even when D has no request of its own."""
-        return self.quarantine.stats()["held_requests"] > 0
+        and asks P about the held requests, even when D has no request of its own. The same
+        while a finished request awaits P's answer (bounded by its lease)."""
+        return self.quarantine.stats()["held_requests"] > 0 or any(
+            r.status is Status.AWAITING_P_ANSWER for r in self._requests.values())
 
     def stats(self) -> dict[str, Any]:
         """Counters, the policy's inputs per P, and what is waiting (for /stats and tests)."""
@@ -328,7 +338,7 @@ class DecodeScheduler:
             rec.times.sent, rec.times.answered, rec.times.p_sched = result.sent_at, result.at, result.p_ms
             if rec.recent is not None:  # P answered after D finished: /stats still gets it
                 rec.recent.update(rec.times.to_params())
-        if rec.status is Status.AWAITING_P_TOKEN:
+        if rec.status is Status.AWAITING_P_ANSWER:
             self._drop(rec)
             if result.first_token is not None and rec.d_first_token is not None:
                 self._compare_first_tokens(rec, result.first_token, rec.d_first_token)
@@ -349,8 +359,8 @@ class DecodeScheduler:
             return
         p_token = rec.placement.p_first_token
         if p_token is None:
-            if not rec.p_answered:  # P's answer is still to come: keep the record until then
-                rec.status, rec.d_first_token = Status.AWAITING_P_TOKEN, output[0]
+            if not rec.p_answered:  # P's answer is still to come: compared when it arrives
+                rec.d_first_token = output[0]
                 if self.config.on_first_token_mismatch != "log":
                     self._evict(rec)  # D frees the blocks now: unverified KV is not left cached
         elif not self._compare_first_tokens(rec, p_token, output[0]):
