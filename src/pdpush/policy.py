@@ -13,6 +13,7 @@ Each P has a circuit breaker:
 A good health check only refreshes the P's queue length: it neither closes an open breaker nor
 resets the failure count, so a P that answers /health but keeps failing prefills stays out.
 A do_prefill that D cancelled (the client went away) says nothing about P: it only frees its slot.
+A P known gone (its process ended: connection refused) opens its breaker at once (`gone`).
 """
 
 from __future__ import annotations
@@ -132,9 +133,19 @@ class Policy:
         else:
             self._failure(peer, at)
 
+    def gone(self, url: str, at: float) -> None:
+        """P's process ended (a refused connection): every request sent there now would fail,
+        so its breaker opens at once instead of after `breaker_failures` failures. A P started
+        again on that URL is re-admitted as any open breaker is, by a trial request."""
+        peer = self.peers[url]
+        peer.failures = max(peer.failures, self.config.breaker_failures)
+        self._open(peer, at)
+
     def _failure(self, peer: PrefillPeer, at: float) -> None:
         peer.failures += 1
         if peer.trial or peer.failures >= self.config.breaker_failures:
-            peer.trial = False
-            reopen = at + self.config.retry_after_s
-            peer.open_until = max(peer.open_until or 0.0, reopen)
+            self._open(peer, at)
+
+    def _open(self, peer: PrefillPeer, at: float) -> None:
+        peer.trial = False
+        peer.open_until = max(peer.open_until or 0.0, at + self.config.retry_after_s)

@@ -117,3 +117,13 @@ def test_busy_queue_excludes_prefill():
     policy.health_checked(A, ok=True, queue=3, at=0)
     policy.health_checked(B, ok=True, queue=3, at=0)
     assert policy.choose(500, now=0).reason == "busy"
+
+
+def test_a_p_known_gone_is_out_at_once_and_readmitted_by_a_trial():
+    policy = make(retry_after_s=10, breaker_failures=3)
+    policy.gone(A, at=100)  # one refused connection, not three failures
+    assert [policy.choose(500, now=t).url for t in (100, 105, 109.9)] == [B] * 3
+    assert policy.peers[A].available(110)  # started again on its URL: one trial request
+    policy.started(A)
+    policy.finished(A, ok=True, at=111)
+    assert policy.peers[A].state == "closed"

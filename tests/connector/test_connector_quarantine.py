@@ -82,6 +82,7 @@ def test_p_gone_gives_up_at_once_without_holding():
     sched.client.results.append(PrefillResult("r", P, False, error="reset", p_gone=True))
     assert sched.build_meta(None).give_up == ["r"]  # well before the lease's end
     assert sched.stats()["held_total"] == 0
+    assert sched.stats()["prefills"][P]["breaker_open"]  # no next request goes to the dead P
 
 
 def test_notification_seen_before_the_lease_end_means_nothing_to_hold(monkeypatch):

@@ -316,7 +316,9 @@ class DecodeScheduler:
 
     def _p_gone(self, url: str, at: float) -> None:
         """P's process ended: release what D held for it, and stop waiting for the requests
-        whose call D itself ended (client aborts); the others' calls report the reset."""
+        whose call D itself ended (client aborts); the others' calls report the reset. No new
+        request goes there until it answers again (its breaker, pdpush.policy)."""
+        self.policy.gone(url, at)
         self.quarantine.p_gone(url, at)
         for rec in self._requests.values():
             if rec.status is Status.WAITING_FOR_KV and rec.url == url and rec.aborted:
