@@ -87,6 +87,8 @@ class Call:
 class FaultRig:
     """P0, P1 (fault seam) and D (digest); free-block baselines; follow-up prompts."""
 
+    retry_after_s = 2.0  # D's: a P's open breaker lets a trial request through after it
+
     def __init__(self, model: Path, hooks_dir: Path, follow: list[tuple[list[int], list[int]]]):
         self.hooks = FaultHooks(str(hooks_dir))
         self.follow = iter(follow)  # (prompt, its reference tokens), one per use
@@ -101,7 +103,7 @@ class FaultRig:
                             kv_transfer_config=decode_kv_config(
             [p.url for p in self.p.values()], remote_threshold_tokens=64, debug_kv_digest=True,
             side_channel_port=self.d_side, stats_port=self.ports["D"], prefill_timeout_s=TIMEOUT_S,
-            lease_grace_s=GRACE_S, health_interval_s=1.0, retry_after_s=2.0))
+            lease_grace_s=GRACE_S, health_interval_s=1.0, retry_after_s=self.retry_after_s))
         self.baseline: dict[str, int] = {}
 
     def start(self) -> "FaultRig":
@@ -153,34 +155,47 @@ class FaultRig:
             if all(free[n] == self.baseline[n] for n in live) or time.monotonic() > end:
                 break
             time.sleep(0.5)
-        follow = self.remote_follow_up()
+        follow = self.follow_ups()[0]
         return {"leaked_P": sum(self.baseline[n] - free[n] for n in live if n != "D"),
                 "leaked_D": self.baseline["D"] - free["D"], "held_D": self.stats("D")["held_blocks"],
                 "follow_up": follow}
 
-    def remote_follow_up(self) -> str:
-        """One follow-up: 'correct <where>' or 'WRONG <where>'."""
-        prompt, expected = next(self.follow)
-        body = complete(self.d.url, prompt, MAX_TOKENS, **REMOTE)
-        place = where(body)
-        ok = "correct" if tokens(body) == expected else "WRONG"
-        return f"{ok} {place.get('prefill')} {self.name_of(place.get('url'))}".strip()
+    def follow_ups(self, n: int = 1) -> list[str]:
+        """`n` remote follow-up requests at once: 'correct|WRONG <prefill> <P>' each."""
+        pending = [(Call(self.d.url, prompt), expected)
+                   for prompt, expected in (next(self.follow) for _ in range(n))]
+        seen = []
+        for call, expected in pending:
+            call.join(120)
+            place = where(call.body) if call.body else {}
+            ok = "correct" if call.body and tokens(call.body) == expected else "WRONG"
+            seen.append(f"{ok} {place.get('prefill')} {self.name_of(place.get('url'))}")
+        return seen
 
-    def restart(self, name: str) -> str:
-        """Start P `name` again on its URL; remote follow-ups until D sends one there (its
-        breaker re-admits it with one trial request), at most 6. Returns what was seen."""
+    def avoided(self, dead: str) -> tuple[str, bool]:
+        """After P `dead` was killed: two follow-ups. The first may still go there if D saw no
+        sign of the death yet (D applies health checks when it steps, and it was idle): it then
+        falls back at once and D learns; the second must run remote on the other P."""
+        alive = next(n for n in self.p if n != dead)
+        first, second = self.follow_ups()[0], self.follow_ups()[0]
+        ok = first in (f"correct remote {alive}", f"correct fallback {dead}") \
+            and second == f"correct remote {alive}"
+        return f"next: {first}; then: {second}", ok
+
+    def restart(self, name: str) -> tuple[str, bool]:
+        """Start P `name` again on its URL; then pairs of follow-ups at once (D spreads them
+        over both P by load; its breaker re-admits the restarted P with one trial request) until
+        one runs there, at most 3 pairs."""
         server = self.p[name]
         server.stop()
         server.start().wait_healthy(300)
         self.baseline[name] = self.stats(name)["free_blocks"]
-        end = time.monotonic() + 30
-        while not self.stats("D")["prefills"][server.url]["healthy"] and time.monotonic() < end:
-            time.sleep(0.5)
-        for attempt in range(1, 7):
-            seen = self.remote_follow_up()
-            if seen.endswith(name):
-                return f"restarted, {seen} after {attempt}"
-        return f"restarted, NOT USED ({seen})"
+        time.sleep(self.retry_after_s + 1.0)  # the last refused health check's breaker time
+        for attempt in range(1, 4):
+            seen = self.follow_ups(2)
+            if f"correct remote {name}" in seen:
+                return f"restarted: {' / '.join(seen)} (pair {attempt})", True
+        return f"restarted: NOT USED ({' / '.join(seen)})", False
 
 
 class Canary:

@@ -43,7 +43,7 @@ STOP_POINTS = POINTS if FULL else ("before_accept",)
 ABORT_POINTS = POINTS if FULL else ("between_layers",)
 KILL_POINTS = POINTS if FULL else ("between_layers",)
 TWO_P = [f"two-p{i}" for i in range(4)]
-N_FOLLOW = 8 + len(STOP_POINTS) + len(ABORT_POINTS) + 8 * len(KILL_POINTS)
+N_FOLLOW = 8 + len(STOP_POINTS) + len(ABORT_POINTS) + 9 * len(KILL_POINTS)
 PROMPTS = {f"{kind}-{p}": make_prompt(700, 400 + 10 * i + j)
            for j, kind in enumerate(("stop", "abort", "kill")) for i, p in enumerate(POINTS)}
 PROMPTS.update({name: make_prompt(700, 470 + i) for i, name in enumerate(TWO_P)})
@@ -78,6 +78,10 @@ def outcome(body: dict | None, expected: list[int], error: str = "") -> str:
     return "correct" if tokens(body) == expected else "WRONG tokens"
 
 
+def prefill_of(call: Call) -> str | None:
+    return where(call.body).get("prefill") if call.body else None
+
+
 def record(row: dict) -> dict:
     ROWS.append(row)
     return row
@@ -100,7 +104,7 @@ def run_stopped(rig: FaultRig, name: str, point: str, client_timeout: float) -> 
     try:
         rig.hooks.wait_hit(point, timeout_s=60)
         answered = call.join(LEASE_S + HANG_SLACK_S)  # the answer must not wait for P
-        call.join(max(0.0, call.start + LEASE_S + 0.5 - time.monotonic()))
+        time.sleep(max(0.0, call.start + LEASE_S + 0.5 - time.monotonic()))  # lease surely over
         waiting = rig.stats("D")["waiting_for_kv"]
         canary.at_lease_end()
     finally:
@@ -137,7 +141,7 @@ def test_p_stopped_past_the_lease(rig, reference, point):
     call, columns = run_stopped(rig, name, point, client_timeout=120)
     row = record({"cell": f"P stopped past the lease at {point}",
                   "outcome": outcome(call.body, reference[name], call.error),
-                  "prefill": where(call.body).get("prefill") if call.body else None,
+                  "prefill": prefill_of(call),
                   "seconds": call.seconds, **columns, **rig.settle()})
     assert_target(row)
 
@@ -148,8 +152,8 @@ def test_client_abort_while_p_stopped(rig, reference, point):
     call, columns = run_stopped(rig, name, point, client_timeout=2.0)
     clean = "clean error" if call.body is None and "Timeout" in call.error else \
         outcome(call.body, reference[name], call.error)
-    row = record({"cell": f"client abort, P stopped at {point}", "outcome": clean,
-                  "prefill": None, "seconds": call.seconds, **columns, **rig.settle()})
+    row = record({"cell": f"client abort (2 s), P stopped at {point}", "outcome": clean,
+                  "prefill": prefill_of(call), "seconds": call.seconds, **columns, **rig.settle()})
     assert_target(row)
 
 
@@ -165,30 +169,22 @@ def kill_at(rig: FaultRig, point: str, names: list[str]) -> tuple[str, dict[str,
     return victim, calls
 
 
-def avoided(rig: FaultRig, victim: str) -> str:
-    """Right after: the next remote request goes to the other P, and D counts the dead one out."""
-    seen = rig.remote_follow_up()
-    healthy = rig.stats("D")["prefills"][rig.p[victim].url]["healthy"]
-    return f"next: {seen}" + ("; dead P STILL CHOSEN" if healthy else "")
-
-
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_p_killed(rig, reference, point):
     name = f"kill-{point}"
     victim, calls = kill_at(rig, point, [name])
     call = calls[name]
-    next_one = avoided(rig, victim)
-    after = f"{next_one}; {rig.restart(victim)}"
+    next_ones, avoided = rig.avoided(victim)
+    restarted, serving = rig.restart(victim)
     row = record({"cell": f"P killed at {point}", "outcome": outcome(call.body, reference[name],
                                                                     call.error),
-                  "prefill": where(call.body).get("prefill") if call.body else None,
+                  "prefill": prefill_of(call),
                   "seconds": call.seconds, "hang": call.seconds is None or call.seconds > LEASE_S,
-                  "after": after, **rig.settle()})
+                  "after": f"{next_ones}; {restarted}", **rig.settle()})
     assert_target(row)
     # Recovered because P is gone, not by the lease: the 2 s of slack are for a loaded 2-core
     # machine (5.1 s seen with another engine test beside it, 0.6 s alone).
-    assert call.seconds < LEASE_S + 2.0, row
-    assert "STILL" not in after and "NOT USED" not in after and after.count("correct") == 2, row
+    assert call.seconds < LEASE_S + 2.0 and avoided and serving, row
 
 
 def test_two_p_one_killed(rig, reference):
@@ -197,12 +193,11 @@ def test_two_p_one_killed(rig, reference):
     places = [f"{where(c.body).get('prefill')} {rig.name_of(where(c.body).get('url'))}"
               if c.body else "none" for c in calls.values()]
     wrong = [n for n, c in calls.items() if outcome(c.body, reference[n], c.error) != "correct"]
-    after = "; ".join(avoided(rig, victim) for _ in range(2))
+    next_ones, avoided = rig.avoided(victim)
     slowest = max((c.seconds or 1e9) for c in calls.values())
     row = record({"cell": f"two P, {victim} killed between layers (4 requests)",
                   "outcome": f"WRONG {wrong}" if wrong else "correct",
                   "prefill": ", ".join(sorted(places)), "seconds": slowest,
-                  "hang": slowest > LEASE_S + HANG_SLACK_S, "after": after, **rig.settle()})
+                  "hang": slowest > LEASE_S + HANG_SLACK_S, "after": next_ones, **rig.settle()})
     assert_target(row)
-    assert "STILL" not in after and after.count("correct") == 2, row
-    assert all(f"remote P{1 - int(victim[-1])}" in s for s in after.split("; ")), row
+    assert avoided, row
