@@ -141,9 +141,10 @@ def test_health_reports_queue_from_metrics(client):
 LISTENING: list[socket.socket] = []
 
 
-def dropping_p(process_ends: bool) -> str:
-    """A P that resets the do_prefill connection; its listening socket closes too when its
-    process "ends", else it stays open and answers nothing (a stopped or wedged P)."""
+def dropping_p(ends_after_s: float | None) -> str:
+    """A P that resets the do_prefill connection; its listening socket closes `ends_after_s`
+    later when its process "ends" (a killed P's port stays open while its processes exit, and
+    connects are queued unanswered meanwhile), or never (a stopped or wedged P)."""
     srv = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -152,26 +153,28 @@ def dropping_p(process_ends: bool) -> str:
             if conn.recv(65536).startswith(b"POST"):
                 break
             conn.close()  # health checks before the call: no answer
-        if process_ends:
-            srv.close()
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         conn.close()  # RST
+        if ends_after_s is not None:
+            time.sleep(ends_after_s)
+            srv.close()
 
     threading.Thread(target=serve, daemon=True).start()
     LISTENING.append(srv)  # kept open (and referenced) until the module ends
     return f"http://127.0.0.1:{srv.getsockname()[1]}"
 
 
-@pytest.mark.parametrize("process_ends", [True, False], ids=["process-ended", "still-listening"])
-def test_dropped_connection_tells_a_p_gone_from_an_unreachable_one(process_ends):
-    url = dropping_p(process_ends)
+@pytest.mark.parametrize("ends_after_s, gone", [(0.0, True), (0.8, True), (None, False)],
+                         ids=["process-ended", "process-ending", "still-listening"])
+def test_dropped_connection_tells_a_p_gone_from_an_unreachable_one(ends_after_s, gone):
+    url = dropping_p(ends_after_s)
     client = PrefillClient((url,), health_interval_s=60.0)
     try:
         start = time.monotonic()
         client.submit(job(url, 0, timeout_s=30.0))
         result = wait_result(client)
         assert not result.ok and "dropped the connection" in result.error
-        assert result.p_gone is process_ends
+        assert result.p_gone is gone
         assert time.monotonic() - start < 5  # seconds, not the lease
     finally:
         client.close()

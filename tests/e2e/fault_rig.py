@@ -55,6 +55,18 @@ COLUMNS = {
              "serving remote prefills again",
 }
 
+NOTES = """Reading the table:
+- P stopped at `accepted` / `between_layers`: P's transfer thread stops after its push-budget
+  check and posts the WRITE when resumed, past the lease: the late WRITE the stop margin cannot
+  prevent (docs/architecture.md, "Lease and quarantine"). `late_into_held` shows where such
+  bytes went; at `before_accept` P reads the push target only after it resumed and pushes then.
+- P stopped at `after_notify`: P's notification arrived before it stopped, so D decodes from
+  the pushed KV (remote) and answers at once; the 2 s client abort of that row never fires.
+- P killed: the time is D's recovery through "P known gone" (connection reset, health check
+  refused), not the lease. A first follow-up may still be sent to the dead P when D saw no sign
+  of the death yet (it applies health checks when it steps): it falls back at once, and the next
+  one runs on the other P.
+"""
 
 @dataclass
 class Call:
@@ -251,5 +263,5 @@ def write_report(rows: list[dict]) -> Path | None:
         f"Command: `{command}`\n(Python {sys.version.split()[0]}; lease {TIMEOUT_S} s + grace "
         f"{GRACE_S} s; hang slack {HANG_SLACK_S} s; what the matrix does and does not cover: "
         f"the module docstring of tests/e2e/test_e2e_fault_matrix.py.)\n\n"
-        + "\n".join(table) + "\n\nColumns:\n" + "\n".join(legend) + "\n")
+        + "\n".join(table) + "\n\nColumns:\n" + "\n".join(legend) + "\n\n" + NOTES)
     return out

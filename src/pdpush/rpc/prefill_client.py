@@ -23,6 +23,7 @@ from pdpush.rpc.release import RELEASED_KEY, release_body
 from pdpush.vllm_api import WAITING_REQUESTS, metric_sum
 
 GONE_CHECK_TIMEOUT_S = 2.0
+GONE_CHECK_WINDOW_S, GONE_CHECK_ATTEMPT_S, GONE_CHECK_RETRY_S = 3.0, 0.5, 0.1  # `_refused`
 
 
 # HTTP statuses P's server gives before its engine sees a request: 401 (vLLM's --api-key
@@ -249,11 +250,20 @@ class PrefillClient:
             await asyncio.sleep(self._health_interval_s)
 
     async def _refused(self, url: str) -> bool:
-        """A quick health check after a dropped connection: refused means P's process ended."""
-        try:
-            await self._client.get(f"{url}/health", timeout=GONE_CHECK_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            return _is_refused(exc)
+        """Health checks after a dropped connection, for up to GONE_CHECK_WINDOW_S: refused means
+        P's process ended, any answer that it did not. A killed P's port closes only once all its
+        processes have exited (vLLM's engine processes, forked from the API server, share its
+        listening socket, and a large one takes a while to tear down); until then connects are
+        accepted and then reset or left unanswered, which says nothing either way."""
+        end = time.monotonic() + GONE_CHECK_WINDOW_S
+        while (left := end - time.monotonic()) > 0:
+            try:
+                await self._client.get(f"{url}/health", timeout=min(left, GONE_CHECK_ATTEMPT_S))
+                return False
+            except httpx.HTTPError as exc:
+                if _is_refused(exc):
+                    return True
+            await asyncio.sleep(GONE_CHECK_RETRY_S)
         return False
 
     async def _check(self, url: str) -> None:
