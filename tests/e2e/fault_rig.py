@@ -262,6 +262,8 @@ def write_report(rows: list[dict]) -> Path | None:
         f"# Fault matrix ({today}, {'full' if FULL else 'default subset'})\n\n"
         f"Command: `{command}`\n(Python {sys.version.split()[0]}; lease {TIMEOUT_S} s + grace "
         f"{GRACE_S} s; hang slack {HANG_SLACK_S} s; what the matrix does and does not cover: "
-        f"the module docstring of tests/e2e/test_e2e_fault_matrix.py.)\n\n"
+        f"the module docstring of tests/e2e/test_e2e_fault_matrix.py.) The test suite runs one "
+        f"point per fault and writes to out/faults/; `{MATRIX_ENV}=full` runs every cell and "
+        f"writes here.\n\n"
         + "\n".join(table) + "\n\nColumns:\n" + "\n".join(legend) + "\n\n" + NOTES)
     return out
