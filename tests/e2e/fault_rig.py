@@ -60,6 +60,8 @@ NOTES = """Reading the table:
   check and posts the WRITE when resumed, past the lease: the late WRITE the stop margin cannot
   prevent (docs/architecture.md, "Lease and quarantine"). `late_into_held` shows where such
   bytes went; at `before_accept` P reads the push target only after it resumed and pushes then.
+  Whether a resumed P still posts depends on where its threads stand (0 or 2 blocks seen for the
+  same cell in different runs); any such bytes must be inside held blocks (`late_bytes` 0).
 - P stopped at `after_notify`: P's notification arrived before it stopped, so D decodes from
   the pushed KV (remote) and answers at once; the 2 s client abort of that row never fires.
 - P killed: the time is D's recovery through "P known gone" (connection reset, health check

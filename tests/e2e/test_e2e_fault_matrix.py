@@ -20,7 +20,7 @@ follow-up request (fault_rig.COLUMNS says what each means); the assertions are t
 target: correct or clean, 0 leaked, 0 late bytes, no hang.
 
 By default (the test suite) a representative subset runs: one point per fault kind. The whole
-matrix runs with `PDPUSH_FAULT_MATRIX=full` (about 15 min on 2 cores) and writes its table to
+matrix runs with `PDPUSH_FAULT_MATRIX=full` (13-15 min on 2 cores) and writes its table to
 results/faults/<date>/; the subset writes to out/faults/<date>/.
 """
 
