@@ -81,6 +81,20 @@ def test_signed_passes_forged_and_replayed_get_403(tmp_path, d_meta):
     assert post(app, {"prompt": "plain request", "max_tokens": 1}).status_code == 200
 
 
+def test_bodies_that_are_not_a_json_object_go_to_the_server_untouched(tmp_path):
+    """The server's own validation answers them (422/400); the guard neither refuses nor drops."""
+    engine = Engine()
+    app = guard(tmp_path, engine)
+    bodies = [b"[1, 2]", b"not json", b"\xff\xfe", b'"text"', b'{"kv_transfer_params": 3}']
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://p") as client:
+            return [await client.post("/v1/completions", content=b) for b in bodies]
+    assert [r.status_code for r in asyncio.run(go())] == [200] * len(bodies)
+    assert engine.bodies == bodies
+
+
 def test_unreachable_or_wrong_d_answers_at_once(tmp_path, d_meta):
     engine = Engine()
     app = guard(tmp_path, engine)

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 
 from pdpush.rpc.release import RELEASED_KEY, release_body
 from pdpush.vllm_api import WAITING_REQUESTS, metric_sum
 
 GONE_CHECK_TIMEOUT_S = 2.0
+JSON_HEADERS = {"content-type": "application/json"}
 GONE_CHECK_WINDOW_S, GONE_CHECK_ATTEMPT_S, GONE_CHECK_RETRY_S = 3.0, 0.5, 0.1  # `_refused`
 
 
@@ -223,7 +225,9 @@ class PrefillClient:
             **job.sampling,
         }
         sent_at = time.monotonic()
-        resp = await self._client.post(f"{job.url}/v1/completions", json=body, timeout=None)
+        # msgspec: about a tenth of json.dumps's time for a long prompt's token ids
+        resp = await self._client.post(f"{job.url}/v1/completions", headers=JSON_HEADERS,
+                                       content=msgspec.json.encode(body), timeout=None)
         if resp.status_code != 200:
             # Only an authentication refusal (or a pdpush error kind: the API-server guard) is
             # answered before P's engine sees the request; vLLM answers 400 also for errors
