@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -77,12 +78,14 @@ class FaultHooks:
     def at(self, point: str) -> None:
         """P's side: take the trigger of `point` if armed, then stop or block as it says."""
         trigger, hit = self.dir / point, self.hit(point)
+        taken = self.dir / f"{point}.taken.{os.getpid()}.{threading.get_ident()}"
         try:
-            action = trigger.read_text().strip() or "block"
-            os.rename(trigger, hit)  # atomic: exactly one caller takes the trigger
+            os.rename(trigger, taken)  # atomic: exactly one caller takes the trigger
         except OSError:
             return
-        hit.write_text(str(os.getpid()))
+        action = taken.read_text().strip() or "block"
+        taken.write_text(str(os.getpid()))
+        os.rename(taken, hit)  # the hit appears with the pid in it, never half-written
         if action == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
             return
