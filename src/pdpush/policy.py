@@ -14,6 +14,8 @@ A good health check only refreshes the P's queue length: it neither closes an op
 resets the failure count, so a P that answers /health but keeps failing prefills stays out.
 A do_prefill that D cancelled (the client went away) says nothing about P: it only frees its slot.
 A P known gone (its process ended: connection refused) opens its breaker at once (`gone`).
+Reports reach the policy when D steps; a P whose last health check was refused can be named
+to `choose` as `refusing` before that (an idle D applies nothing until its next request's step).
 """
 
 from __future__ import annotations
@@ -77,21 +79,23 @@ class Policy:
     def for_urls(cls, config: PolicyConfig, urls: list[str] | tuple[str, ...]) -> "Policy":
         return cls(config, {url: PrefillPeer(url) for url in urls})
 
-    def choose(self, uncached_tokens: int, now: float, force_remote: bool = False) -> Decision:
+    def choose(self, uncached_tokens: int, now: float, force_remote: bool = False,
+               refusing: frozenset[str] = frozenset()) -> Decision:
         """Remote iff the uncached prompt reaches the threshold (or the client asks for remote)
-        and a healthy P has room. No side effects: vLLM may ask again for the same request."""
+        and a healthy P not in `refusing` has room. No side effects: vLLM may ask again for the
+        same request."""
         if uncached_tokens < 2:
             return Decision(None, "nothing_to_push")
         if uncached_tokens < self.config.remote_threshold_tokens and not force_remote:
             return Decision(None, "short")
         candidates = [
             p for p in self.peers.values()
-            if p.available(now)
+            if p.available(now) and p.url not in refusing
             and p.inflight < self.config.max_inflight_per_prefill
             and p.queue < self.config.max_prefill_queue
         ]
         if not candidates:
-            healthy = any(p.available(now) for p in self.peers.values())
+            healthy = any(p.available(now) and p.url not in refusing for p in self.peers.values())
             return Decision(None, "busy" if healthy else "no_healthy_prefill")
         best = min(candidates, key=lambda p: (p.load, p.completed + p.failed, p.url))
         return Decision(best.url, "remote")

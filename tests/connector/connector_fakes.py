@@ -34,6 +34,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.jobs, self.cancelled, self.results, self.health = [], [], [], []
         self.asked = []  # (url, req_id) release questions
+        self.refused = frozenset()  # what refusing() answers
 
     def submit(self, job) -> None:
         self.jobs.append(job)
@@ -52,3 +53,6 @@ class FakeClient:
     def drain_health(self):
         out, self.health = self.health, []
         return out
+
+    def refusing(self):
+        return self.refused

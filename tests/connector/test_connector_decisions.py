@@ -250,3 +250,14 @@ def test_breaker_state_is_exported_as_prometheus_numbers():
     text = prometheus_text(sched.stats())
     assert f'pdpush_prefill_breaker_open{{url="{P}"}} 1.0' in text
     assert f'pdpush_prefill_consecutive_failures{{url="{P}"}} 1.0' in text
+
+
+def test_idle_d_avoids_a_p_refusing_connections_before_it_applies_the_report():
+    """D applies health reports when it steps; an idle D's next request is decided first."""
+    sched = make()
+    assert sched.get_num_new_matched_tokens(request("a", 100), 0) == (100, True)  # control
+    sched.request_finished(request("a", 100))
+    sched.client.refused = frozenset({P})
+    assert sched.get_num_new_matched_tokens(request("b", 100), 0) == (0, False)
+    assert sched.request_finished(request("b", 100))[1]["pdpush"]["reason"] == "no_healthy_prefill"
+    assert sched.stats()["prefills"][P]["refusing"] is True

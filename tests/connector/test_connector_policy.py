@@ -127,3 +127,13 @@ def test_a_p_known_gone_is_out_at_once_and_readmitted_by_a_trial():
     policy.started(A)
     policy.finished(A, ok=True, at=111)
     assert policy.peers[A].state == "closed"
+
+
+def test_a_p_whose_health_check_was_refused_is_not_chosen():
+    """`refusing` comes from the rpc layer before D applied the report (an idle D)."""
+    policy = make()
+    policy.started(B)
+    assert policy.choose(500, now=0).url == A  # control: the least loaded P
+    assert policy.choose(500, now=0, refusing=frozenset({A})).url == B
+    assert policy.choose(500, now=0, refusing=frozenset({A, B})).reason == "no_healthy_prefill"
+    assert policy.peers[A].state == "closed"  # choose changed nothing: the report applies later

@@ -138,6 +138,20 @@ def test_health_reports_queue_from_metrics(client):
     assert reports and reports[0].ok and reports[0].queue == 3
 
 
+def test_refused_health_check_is_known_at_once(fake_p):
+    """`refusing()` names a P whose port refuses connections without waiting for D to drain the
+    reports; a P that answers is not named (the control)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = PrefillClient((fake_p, dead), health_interval_s=0.1)
+    try:
+        deadline = time.monotonic() + 5
+        while not client.refusing() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.refusing() == {dead}
+    finally:
+        client.close()
+
+
 LISTENING: list[socket.socket] = []
 
 

@@ -59,6 +59,15 @@ def wait_free_blocks(port: int, baseline: int, timeout_s: float = 30.0) -> int:
     return free
 
 
+def wait_refusing(port: int, url: str, timeout_s: float = 30.0) -> None:
+    """Until the D on `port` has had a health check of P `url` refused (its process ended and
+    its port closed): from then on D chooses another P, even while idle (pdpush.policy)."""
+    deadline = time.monotonic() + timeout_s
+    while not stats(port)["prefills"][url]["refusing"]:
+        assert time.monotonic() < deadline, f"D did not see {url} refuse within {timeout_s} s"
+        time.sleep(0.2)
+
+
 def reference_outputs(model: Path, prompts: dict[str, list[int]], max_tokens: int) -> dict:
     """Greedy tokens of each prompt from one plain aggregated vLLM engine (no connector)."""
     server = VllmServer("aggregated", model, log_dir=LOG_DIR, cpu_core=0).start()

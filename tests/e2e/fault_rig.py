@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from e2e_helpers import LOG_DIR, complete, stats, tokens, where
+from e2e_helpers import LOG_DIR, complete, stats, tokens, wait_refusing, where
 
 from pdpush.connector.config import TEST_MODE_ENV, decode_kv_config, prefill_kv_config
 from pdpush.connector.faults import FAULT_HOOKS_ENV, FaultHooks
@@ -187,13 +187,12 @@ class FaultRig:
         return seen
 
     def avoided(self, dead: str) -> tuple[str, bool]:
-        """After P `dead` was killed: two follow-ups. The first may still go there if D saw no
-        sign of the death yet (D applies health checks when it steps, and it was idle): it then
-        falls back at once and D learns; the second must run remote on the other P."""
+        """After P `dead` was killed and D saw its port refuse: two follow-ups, one after the
+        other, both remote on the other P (also the first, decided while D was idle)."""
         alive = next(n for n in self.p if n != dead)
+        wait_refusing(self.ports["D"], self.p[dead].url)
         first, second = self.follow_ups()[0], self.follow_ups()[0]
-        ok = first in (f"correct remote {alive}", f"correct fallback {dead}") \
-            and second == f"correct remote {alive}"
+        ok = first == second == f"correct remote {alive}"
         return f"next: {first}; then: {second}", ok
 
     def restart(self, name: str) -> tuple[str, bool]:

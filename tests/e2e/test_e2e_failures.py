@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e_helpers import (
-    LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks, where,
+    LOG_DIR, complete, make_prompt, reference_outputs, stats, tokens, wait_free_blocks,
+    wait_refusing, where,
 )
 
 from pdpush.connector.auth import write_key_file
@@ -154,7 +155,7 @@ def test_killed_prefill_requests_complete_and_later_ones_avoid_it(cluster, refer
         bodies = {name: f.result() for name, f in futures.items()}
     for name, body in bodies.items():
         assert tokens(body) == reference[name], name
-    time.sleep(1.5)  # one health check interval: D has noticed even if no request failed
+    wait_refusing(cluster["ports"]["D"], dead.url)  # D noticed, even if no request failed
     for name, prompt in LATER.items():
         body = complete(cluster["D"].url, prompt, MAX_TOKENS)
         assert where(body).get("url") == cluster["P"][0].url, where(body)

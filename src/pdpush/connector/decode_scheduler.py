@@ -111,7 +111,8 @@ class DecodeScheduler:
         elif request.num_tokens > request.num_prompt_tokens:  # preempted and resumed: has output
             url, reason = None, "resumed"
         else:
-            decision = self.policy.choose(uncached, time.monotonic(), force_remote=mode == "remote")
+            decision = self.policy.choose(uncached, time.monotonic(), force_remote=mode == "remote",
+                                          refusing=self.client.refusing())
             url, reason = decision.url, decision.reason
         if url is None:
             self._local(req_id, Placement("local", reason=reason), decided)
@@ -251,8 +252,9 @@ class DecodeScheduler:
 
     def stats(self) -> dict[str, Any]:
         """Counters, the policy's inputs per P, and what is waiting (for /stats and tests)."""
-        now = time.monotonic()
+        now, refusing = time.monotonic(), self.client.refusing()
         peers = {p.url: {"inflight": p.inflight, "queue": p.queue, "healthy": p.available(now),
+                         "refusing": p.url in refusing,
                          "breaker_open": p.open_until is not None,
                          "consecutive_failures": p.failures,
                          "completed": p.completed, "failed": p.failed}

@@ -127,6 +127,7 @@ class PrefillClient:
         self._results: queue.Queue[PrefillResult] = queue.Queue()
         self._health: queue.Queue[HealthReport] = queue.Queue()
         self._calls: dict[str, Any] = {}
+        self._refusing: frozenset[str] = frozenset()  # replaced, never changed: a safe snapshot
         self._lock = threading.Lock()
         self._loop = _Loop()
         self._loop.start()
@@ -179,6 +180,11 @@ class PrefillClient:
 
     def drain_health(self) -> list[HealthReport]:
         return _drain(self._health)
+
+    def refusing(self) -> frozenset[str]:
+        """The Ps whose last health check was refused, known here before D applies the reports
+        (which it does only when it steps; an idle D would send its next request to a dead P)."""
+        return self._refusing
 
     def close(self) -> None:
         with self._lock:
@@ -277,9 +283,12 @@ class PrefillClient:
             metrics = await self._client.get(f"{url}/metrics", timeout=timeout)
             ok = health.status_code == 200
             queue = metric_sum(metrics.text, WAITING_REQUESTS) if metrics.status_code == 200 else 0
+            self._refusing = self._refusing - {url}
             self._health.put(HealthReport(url, ok, int(queue)))
         except httpx.ConnectError as exc:
-            self._health.put(HealthReport(url, False, refused=_is_refused(exc)))
+            if refused := _is_refused(exc):
+                self._refusing = self._refusing | {url}
+            self._health.put(HealthReport(url, False, refused=refused))
         except (httpx.HTTPError, ValueError, IndexError):  # /metrics that is not Prometheus text
             self._health.put(HealthReport(url, False))
 
