@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.faults import FaultHooks
-from pdpush.connector.kv_region import LocalKV, RemoteKV
+from pdpush.connector.kv_region import LocalKV
 from pdpush.connector.peer_links import Link, PeerLinks
-from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTarget, PushTask
+from pdpush.connector.metadata import Notif, PrefillStepMeta, PushTask
+from pdpush.connector.outgoing import Outgoing, WriteJob
 from pdpush.connector.timing import WriteTimes
 from pdpush.transfer.engine import Transfer, TransferEngine, TransferError, TransferState
 from pdpush.transfer.layout import RunPlan
@@ -41,37 +41,6 @@ log = logging.getLogger("vllm.pdpush.prefill")  # under vllm: shown in its log
 # connection set up, which UCX does only while P's agent is polled: P polls this long before
 # it releases the request (and may go idle).
 NOTIF_FLUSH_S = 0.5
-
-
-@dataclass
-class Outgoing:
-    """One request's pushes: posted WRITEs, and why it stopped early if it did."""
-
-    target: PushTarget
-    post_until: float = float("inf")  # time.monotonic(): no WRITE posted after it
-    peer: RemoteKV | None = None
-    transfers: list[Transfer] = field(default_factory=list)
-    queued: int = 0  # WRITE jobs handed to the transfer thread whose result is not back yet
-    posted: int = 0  # WRITE jobs the transfer thread took (posted or refused)
-    nbytes: int = 0
-    complete: bool = False  # the last task's WRITEs are all posted
-    stopped: str = ""
-    notified: bool = False
-    times: WriteTimes = field(default_factory=lambda: WriteTimes(0.0))
-    link: Link | None = None  # the connection to D, once asked for
-    deferred: list[PushTask] = field(default_factory=list)  # computed before D was connected
-    # first D block of a task -> [the task's D blocks, layers posted]: counted per task on the
-    # step's path, spread over blocks only once, when the notification is built (_unwritten)
-    layer_writes: dict[int, list] = field(default_factory=dict)
-    flush_until: float = 0.0  # keep polling the engine until then: the notification goes out
-
-
-@dataclass
-class WriteJob:
-    req_id: str
-    out: Outgoing
-    runs: list
-    d_blocks: list[int]  # the D blocks this layer's runs fill (counted once posted)
 
 
 class PrefillWorker:
@@ -327,23 +296,8 @@ class PrefillWorker:
         if self.faults is not None:
             self.faults.at(point)
 
-    def _unwritten(self, out: Outgoing) -> str:
-        """"" when every layer of every block D expects from P was written, else what was not
-        (e.g. a layer whose save_kv_layer never ran)."""
-        t = out.target
-        layers = len(self.kv.layer_names) if self.kv is not None else 0
-        posted: dict[int, int] = {}
-        for blocks, n in out.layer_writes.values():
-            for block in blocks:
-                posted[block] = posted.get(block, 0) + n
-        for block in t.d_block_ids[t.skip_tokens // t.block_size:]:
-            if posted.get(block, 0) != layers:
-                return (f"D block {block} got {posted.get(block, 0)} of {layers} "
-                        "layers: not every layer was pushed")
-        return ""
-
     def _notify(self, req_id: str, out: Outgoing) -> None:
-        out.stopped = out.stopped or self._unwritten(out)
+        out.stopped = out.stopped or out.unwritten(len(self.kv.layer_names) if self.kv else 0)
         if out.peer is None or self.engine is None:
             return
         out.times.notified = time.monotonic()
