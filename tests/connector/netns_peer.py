@@ -48,7 +48,7 @@ def run_p(host: str, port: int) -> dict:
     p = PrefillWorker(PdpushConfig(), "p-ns", 0, BLOCKS)
     kv = p_caches()
     p.register_kv_caches(kv)
-    target = PushTarget(REQ, "d-ns", f"{host}:{port}", tuple(D_BLOCKS), 0, BS, time.time() + 30,
+    target = PushTarget(REQ, "d-ns", f"{host}:{port}", tuple(D_BLOCKS), 0, BS, 30.0,
                         NONCE)
     p.bind(PrefillStepMeta(tasks=[PushTask("p-" + REQ, target, P_BLOCKS, D_BLOCKS, last=True)]))
     for name in LAYERS:

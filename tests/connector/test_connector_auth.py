@@ -13,7 +13,7 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from pdpush.connector.auth import Keys, NonceMemory, load_keys, write_key_file
+from pdpush.connector.auth import Keys, NonceMemory, ReplayGuard, load_keys, write_key_file
 from pdpush.connector.config import ConfigError, PdpushConfig
 from pdpush.connector.metadata import Forbidden, Notif, PushTarget
 from pdpush.connector.prefill_scheduler import PrefillScheduler
@@ -35,9 +35,9 @@ KEY, OTHER_KEY = "k" * 32, "o" * 32
 
 # -- keys and signatures, no NIXL -----------------------------------------------------------
 def signed_target(keys: Keys | None, req="r1", blocks=(1, 2), side_channel="127.0.0.1:1",
-                  nonce="n" * 32) -> dict:
-    t = PushTarget(req, "d-engine", side_channel, tuple(blocks), 0, BS, time.time() + 30,
-                   nonce, "start-1")
+                  nonce="n" * 32, budget_s=30.0, **fields) -> dict:
+    t = PushTarget(req, "d-engine", side_channel, tuple(blocks), 0, BS, budget_s, nonce,
+                   "start-1", **fields)
     return t.to_params(keys)
 
 
@@ -117,6 +117,24 @@ def test_nonce_memory_refuses_replays_not_repeats():
         memory.admit(f"m{i}", "x", expires=10.0, now=2.0)
     assert len(memory) == 3  # bounded
     assert memory.admit("n9", "y", expires=20.0, now=11.0) and len(memory) == 1  # expired ones go
+
+
+def test_replay_guard_refuses_a_target_older_than_its_budget_after_the_nonce_is_forgotten():
+    """A target admitted at P's t=0 (D's clock 5000), replayed at t=700 once the nonce memory
+    forgot it: the nonce memory alone takes it again (the control), the guard does not, while a
+    fresh target of the same D start, and one of another D start, pass."""
+    nonces = NonceMemory()
+    guard = ReplayGuard()
+    assert nonces.admit("n1", "a", expires=600.0, now=0.0)
+    assert guard.refusal("n1", "a", "d/start-1", 5000.0, 30.0, 600.0, now=0.0) == ""
+    assert guard.refusal("n2", "b", "d/start-1", 5699.9, 30.0, 600.0, now=700.0) == ""
+    assert guard.refusal("n3", "c", "d/start-2", 12.0, 30.0, 600.0, now=700.0) == ""
+    assert nonces.admit("n1", "z", expires=1300.0, now=700.0)  # forgotten: taken again
+    assert "700.0 s ago" in guard.refusal("n1", "z", "d/start-1", 5000.0, 30.0, 600.0, now=700.0)
+    assert "no issue time" in guard.refusal("n4", "d", "d/start-1", 0.0, 30.0, 600.0, now=700.0)
+    # queued 20 s of a 30 s budget is no replay; the nonce is still refused a second time
+    assert guard.refusal("n5", "e", "d/start-1", 5680.0, 30.0, 600.0, now=700.0) == ""
+    assert "already used" in guard.refusal("n5", "f", "d/start-1", 5680.0, 30.0, 600.0, now=700.0)
 
 
 # -- through P's scheduler and workers into D's bytes ------------------------------------------
@@ -200,6 +218,32 @@ def test_a_replayed_target_changes_no_byte_of_d(keyed):
     push_through_p(keyed, sched, "p-replayed", params, 2 * BS)  # someone replays D's request
     assert same_bytes(before, d_bytes(keyed))
     assert sched.forbidden_requests == 1
+
+
+@pytest.mark.parametrize("age_check", [True, False], ids=["guard", "control-nonces-only"])
+def test_a_target_replayed_after_p_forgot_its_nonce_changes_no_byte_of_d(keyed, age_check,
+                                                                         monkeypatch):
+    """D signed target A, and 700 s later (its clock) target B; P forgot A's nonce (its memory
+    is bounded) and someone replays A into blocks D reused. Without the age check the replay
+    lands (the control must fail to protect D)."""
+    sched = PrefillScheduler(BS, keyed.config)
+    if not age_check:
+        monkeypatch.setattr(ReplayGuard, "_age", lambda self, source, offset: 0.0)
+    now = time.monotonic()
+    a = signed_target(keyed.keys, "r-a", (9, 10), f"127.0.0.1:{keyed.port}", "a" * 32,
+                      issued_s=now - 700)
+    b = signed_target(keyed.keys, "r-b", (5, 6), f"127.0.0.1:{keyed.port}", "b" * 32,
+                      issued_s=now)
+    for req, params in (("p-a", a), ("p-b", b)):
+        sched.get_num_new_matched_tokens(RequestView(req, 2 * BS, 2 * BS, [], params), 0)
+    assert sched.forbidden_requests == 0
+    sched.replays.nonces = NonceMemory()  # what 10 minutes or 100 000 targets do
+    for name in LAYERS:  # blocks 9 and 10 belong to another request of D now
+        keyed.d_kv[name][9:11] = 0
+    before = d_bytes(keyed)
+    push_through_p(keyed, sched, "p-replayed", a, 2 * BS)
+    assert same_bytes(before, d_bytes(keyed)) is age_check
+    assert sched.forbidden_requests == int(age_check)
 
 
 def intruder(env, name: str) -> tuple[TransferEngine, str]:

@@ -52,8 +52,9 @@ def post(app, body: dict, path="/v1/completions") -> httpx.Response:
     return asyncio.run(go())
 
 
-def request(port: int, keys, nonce="a" * 32, engine="d1", instance="s1") -> dict:
-    t = PushTarget("r1", engine, f"127.0.0.1:{port}", (1, 2), 0, 16, time.time() + 30, nonce, instance)
+def request(port: int, keys, nonce="a" * 32, engine="d1", instance="s1", age_s=0.0) -> dict:
+    t = PushTarget("r1", engine, f"127.0.0.1:{port}", (1, 2), 0, 16, 30.0, nonce, instance,
+                   time.monotonic() - age_s)
     return {"prompt": [1, 2, 3], "max_tokens": 1, "kv_transfer_params": t.to_params(keys)}
 
 
@@ -74,7 +75,9 @@ def test_signed_passes_forged_and_replayed_get_403(tmp_path, d_meta):
     for body, path in [(good, "/v1/completions"),  # replay
                        (request(d_meta, None, nonce="c" * 32), "/v1/chat/completions"),
                        (request(d_meta, Keys(b"x" * 32), nonce="d" * 32), "/v1/completions"),
-                       (tampered, "/v1/completions")]:
+                       (tampered, "/v1/completions"),
+                       (request(d_meta, Keys(KEY.encode()), nonce="e" * 32, age_s=31.0),
+                        "/v1/completions")]:  # older than its budget: a replay once forgotten
         resp = post(app, body, path)
         assert resp.status_code == 403 and error_kind(resp.json()) == "forbidden", resp.text
     assert len(engine.bodies) == 1

@@ -83,7 +83,7 @@ def push(p: Side, d: Side, target: PushTarget, layers=LAYERS) -> tuple[set, set]
 
 
 def target(req: str, host: str, port: int, engine="d-main", instance="s1") -> PushTarget:
-    return PushTarget(req, engine, f"{host}:{port}", (2, 3), 0, BS, time.time() + 30,
+    return PushTarget(req, engine, f"{host}:{port}", (2, 3), 0, BS, 30.0,
                       f"{req:0<32}", instance)
 
 

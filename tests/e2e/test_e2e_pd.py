@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -168,7 +167,7 @@ def test_forged_do_prefill_straight_to_p_is_refused_with_403(cluster):
     side_channel = f"127.0.0.1:{cluster.decode_opts['side_channel_port']}"
     d_meta = httpx.get(f"http://{side_channel}/meta", timeout=5).json()  # anyone can read it
     forged = PushTarget("victim", d_meta["engine_id"], side_channel, (1, 2, 3), 0, 16,
-                        time.time() + 30, "f" * 32, d_meta["instance_id"])
+                        30.0, "f" * 32, d_meta["instance_id"])
     # The control: signed with the cluster's key, it passes the signature check and fails the
     # next one (no D there), so nothing is written into the real D by this test.
     dead = replace(forged, side_channel=f"127.0.0.1:{free_port()}", nonce="c" * 32)

@@ -129,3 +129,39 @@ class NonceMemory:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+class ReplayGuard:
+    """Why a signed target must not be taken again: its nonce was seen, or it is too old.
+
+    The nonce memory alone lets a captured target through once it forgot the nonce (after its
+    window, or 100 000 targets later). A target also carries D's monotonic clock at signing
+    (`issued_s`); P never shares that clock, but the offset (P's now - issued_s) of each
+    target of one D start is transit time plus a constant. The smallest offset seen so far
+    stands for the constant, so a target's age is its offset minus that smallest one: a replay
+    is as old as the capture. A target older than its own budget is refused: D's lease for it
+    has ended (or nearly), whatever it is. Targets without a clock reading are refused."""
+
+    def __init__(self, max_nonces: int = 100_000, max_sources: int = 4096) -> None:
+        self.nonces = NonceMemory(max_nonces)
+        self.max_sources = max_sources
+        self._offset: OrderedDict[str, float] = OrderedDict()  # per D start: smallest offset
+
+    def refusal(self, nonce: str, req_id: str, source: str, issued_s: float, budget_s: float,
+                remember_s: float, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        if issued_s <= 0:
+            return "the target has no issue time"
+        age = self._age(source, now - issued_s)
+        if age > budget_s:
+            return f"the target was signed {age:.1f} s ago, beyond its {budget_s:g} s budget (a replay?)"
+        if not self.nonces.admit(nonce, req_id, now + remember_s, now):
+            return "this nonce was already used (replay)"
+        return ""
+
+    def _age(self, source: str, offset: float) -> float:
+        best = min(self._offset.pop(source, offset), offset)
+        self._offset[source] = best  # most recently seen last: the oldest source goes first
+        if len(self._offset) > self.max_sources:
+            self._offset.popitem(last=False)
+        return offset - best

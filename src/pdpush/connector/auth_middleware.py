@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from pdpush.connector.auth import NonceMemory
+from pdpush.connector.auth import ReplayGuard
 from pdpush.connector.compat import wrong_d
 from pdpush.connector.config import PREFILL_ROLE, ConfigError, PdpushConfig
 from pdpush.connector.metadata import PARAMS_KEY, Forbidden, ParamsError, PushTarget
@@ -99,7 +99,7 @@ class PushAuthMiddleware:
         self.app = app
         config = config or config_from_argv(sys.argv)
         self.keys = config.keys()
-        self.nonces = NonceMemory()
+        self.replays = ReplayGuard()
         self._calls = itertools.count()  # every HTTP request is a new one: no repeats here
         self.d_checks = DChecks(config.side_channel_timeout_s)
 
@@ -136,9 +136,8 @@ class PushAuthMiddleware:
         if target is None:
             return None
         if self.keys is not None:
-            expires = time.monotonic() + target.replay_window_s()
-            if not self.nonces.admit(target.nonce, str(next(self._calls)), expires):
-                return 403, FORBIDDEN, "kv_transfer_params.pdpush: this nonce was already used"
+            if refusal := target.replay_refusal(self.replays, str(next(self._calls))):
+                return 403, FORBIDDEN, f"kv_transfer_params.pdpush: {refusal}"
         kind, error = await self.d_checks.check(target)
         return (503, kind, error) if kind else None
 

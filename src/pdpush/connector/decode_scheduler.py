@@ -132,10 +132,10 @@ class DecodeScheduler:
             return
         assert rec.url is not None
         skip = request.num_prompt_tokens - num_external
-        budget = self.config.prefill_timeout_s
-        deadline = time.monotonic() + budget
+        budget, now = self.config.prefill_timeout_s, time.monotonic()
+        deadline = now + budget
         target = PushTarget(rec.req_id, self.engine_id, self.side_channel, tuple(block_ids),
-                            skip, self.block_size, budget, new_nonce(), self.instance_id)
+                            skip, self.block_size, budget, new_nonce(), self.instance_id, now)
         _, tokens = self._client_hint(request)  # validated in the match step
         self.client.submit(PrefillJob(
             rec.req_id, rec.url, tokens or list(request.prompt_token_ids),

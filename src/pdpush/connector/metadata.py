@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from pdpush.connector.auth import SIGNATURE_KEY, Keys
+from pdpush.connector.auth import SIGNATURE_KEY, Keys, ReplayGuard
 
 PARAMS_KEY = "pdpush"  # kv_transfer_params[PARAMS_KEY] carries the PushTarget
 CLIENT_MODE_KEY = "pdpush_prefill"  # client → D: "auto" (default), "local" or "remote"
@@ -61,6 +62,10 @@ class PushTarget:
     budget_s: float
     nonce: str = ""  # per request, random: P accepts it once; P's notification carries it back
     d_instance_id: str = ""  # D's per-start id; P checks it against D's metadata server
+    # D's monotonic clock when it signed: P cannot read it as a time, but it can compare the
+    # targets of one D start with each other (auth.ReplayGuard: a target's age, to refuse a
+    # replay after its nonce was forgotten).
+    issued_s: float = field(default_factory=time.monotonic)
 
     def to_params(self, keys: Keys | None = None) -> dict[str, Any]:
         """The target as kv_transfer_params, signed over all of its fields when there is a key."""
@@ -101,12 +106,20 @@ class PushTarget:
         if not host or not port.isdigit():
             raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.side_channel must be host:port")
         optional = {k: str(raw[k]) for k in ("nonce", "d_instance_id") if k in raw}
-        return cls(**{**{k: raw[k] for k in expected}, **optional,
+        issued = raw.get("issued_s", 0.0)
+        if not isinstance(issued, (int, float)) or isinstance(issued, bool):
+            raise ParamsError(f"kv_transfer_params.{PARAMS_KEY}.issued_s has the wrong type")
+        return cls(**{**{k: raw[k] for k in expected}, **optional, "issued_s": float(issued),
                       "d_block_ids": tuple(raw["d_block_ids"])})
 
     def replay_window_s(self) -> float:
         """How long P must remember this target's nonce: until it is refused as expired."""
         return max(self.budget_s, REPLAY_MEMORY_S)
+
+    def replay_refusal(self, guard: ReplayGuard, req_id: str) -> str:
+        """Why P must not take this (signed) target again, or "" (auth.ReplayGuard)."""
+        return guard.refusal(self.nonce, req_id, f"{self.d_engine_id}/{self.d_instance_id}",
+                             self.issued_s, self.budget_s, self.replay_window_s())
 
     def check_prompt(self, num_prompt_tokens: int, block_size: int) -> None:
         """P's own geometry must match: same block size, enough D blocks for the prompt."""

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdpush.connector.auth import NonceMemory
+from pdpush.connector.auth import ReplayGuard
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.faults import FaultHooks
 from pdpush.rpc.release import RELEASED_KEY, Tombstones, release_query
@@ -60,7 +60,7 @@ class PrefillScheduler:
     def __post_init__(self) -> None:
         self.faults = FaultHooks.from_dir(self.config.fault_hooks_dir)
         self.keys = self.config.keys()
-        self.nonces = NonceMemory()
+        self.replays = ReplayGuard()
         if self.keys is None:
             log.warning("pdpush: P has no shared key (auth_key_file / auth_key_env): it writes "
                         "wherever any caller of its OpenAI port tells it to")
@@ -70,8 +70,8 @@ class PrefillScheduler:
         which a request reaching the engine by another way would have skipped)."""
         if self.keys is None:
             return
-        if not self.nonces.admit(target.nonce, req_id, time.monotonic() + target.replay_window_s()):
-            raise Forbidden("kv_transfer_params.pdpush: this nonce was already used (replay)")
+        if refusal := target.replay_refusal(self.replays, req_id):
+            raise Forbidden(f"kv_transfer_params.pdpush: {refusal}")
 
     def get_num_new_matched_tokens(self, request: RequestView, num_computed: int) -> tuple[int, bool]:
         """P loads nothing; this is where the push target is read and validated (idempotent).
