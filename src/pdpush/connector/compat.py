@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 # Bump when what travels between P and D (push target, notification, /meta) changes meaning.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: push targets carry issued_s (auth.ReplayGuard)
 
 
 def describe(identity: dict[str, Any], authenticated: bool) -> dict[str, Any]:
