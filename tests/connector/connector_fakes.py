@@ -43,7 +43,7 @@ class FakeClient:
         self.cancelled.append(req_id)
         return True
 
-    def ask_release(self, url: str, req_id: str) -> None:
+    def ask_release(self, url: str, req_id: str, signature: str = "") -> None:
         self.asked.append((url, req_id))
 
     def drain_results(self):

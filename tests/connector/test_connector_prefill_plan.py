@@ -157,3 +157,24 @@ def test_release_question_answers_busy_then_released_and_refuses_a_late_push():
     late.kv_transfer_params["pdpush"]["d_req_id"] = "A"  # the same do_prefill arriving late
     sched.get_num_new_matched_tokens(late, 0)
     assert "released" in sched.request_finished(late)[1]["pdpush_error"]
+
+
+def test_with_a_key_only_a_release_question_d_signed_is_answered(tmp_path):
+    """An unsigned (or wrongly signed) question would tombstone D's request: P refuses it, and
+    the push of that request is still accepted afterwards; D's signed question is answered."""
+    from pdpush.connector.auth import Keys
+    from pdpush.connector.config import PdpushConfig
+    from pdpush.rpc.release import RELEASED_KEY, release_body, release_fields
+
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 32)
+    sched = PrefillScheduler(BS, PdpushConfig(auth_key_file=str(key_file)))
+    for n, sig in enumerate(["", Keys(b"o" * 32).sign(release_fields("A"))]):
+        q = RequestView(f"forged{n}", 1, 1, [0], release_body("A", sig)["kv_transfer_params"])
+        sched.get_num_new_matched_tokens(q, 0)
+        assert "not signed" in sched.request_finished(q)[1]["pdpush_error"]
+    assert sched.forbidden_requests == 2 and "A" not in sched.tombstones
+    q = RequestView("q", 1, 1, [0], release_body("A", sched.keys.sign(release_fields("A")))
+                    ["kv_transfer_params"])
+    sched.get_num_new_matched_tokens(q, 0)
+    assert sched.request_finished(q)[1] == {RELEASED_KEY: True} and "A" in sched.tombstones

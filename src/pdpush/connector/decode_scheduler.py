@@ -42,6 +42,7 @@ from pdpush.connector.stats import serve_scheduler_stats
 from pdpush.connector.timing import DecodeTimes
 from pdpush.policy import Policy
 from pdpush.probe import batch_stats_from
+from pdpush.rpc.release import release_fields
 from pdpush.rpc.prefill_client import (
     HealthReport, PrefillClient, PrefillJob, PrefillResult, ReleaseAnswer,
 )
@@ -174,7 +175,8 @@ class DecodeScheduler:
         if step is not None and self._before_first_step:
             self._note_first_steps(step)
         for req_id, url in self.quarantine.to_ask(now, self.config.health_interval_s):
-            self.client.ask_release(url, req_id)
+            sig = self.keys.sign(release_fields(req_id)) if self.keys is not None else ""
+            self.client.ask_release(url, req_id, sig)
         meta = DecodeStepMeta(expect=self._expect, give_up=give_up, nonces=self._nonces)
         if self.config.probe.enabled and step is not None:
             meta.batch_stats = batch_stats_from(step)

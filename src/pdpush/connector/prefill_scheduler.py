@@ -18,7 +18,7 @@ from typing import Any
 from pdpush.connector.auth import ReplayGuard
 from pdpush.connector.config import PdpushConfig
 from pdpush.connector.faults import FaultHooks
-from pdpush.rpc.release import RELEASED_KEY, Tombstones, release_query
+from pdpush.rpc.release import RELEASED_KEY, Tombstones, release_fields, release_query
 from pdpush.connector.metadata import (
     Forbidden, ParamsError, PrefillStepMeta, PushTarget, PushTask, blocks_for_tokens,
 )
@@ -81,7 +81,7 @@ class PrefillScheduler:
         if req_id in self._pushes or req_id in self._errors or req_id in self._release_answers:
             return 0, False
         if (asked := release_query(request.kv_transfer_params)) is not None:
-            self._answer_release(req_id, asked)
+            self._answer_release(req_id, *asked)
             return 0, False
         if self.faults is not None:
             self.faults.at("before_accept")
@@ -107,8 +107,14 @@ class PrefillScheduler:
                                     target.skip_tokens // self.block_size, post_until)
         return 0, False
 
-    def _answer_release(self, req_id: str, d_req_id: str) -> None:
-        """D asks whether it may release d_req_id's blocks (rpc/release.py)."""
+    def _answer_release(self, req_id: str, d_req_id: str, signature: Any) -> None:
+        """D asks whether it may release d_req_id's blocks (rpc/release.py); with a key, only
+        a question D signed is answered (a tombstone refuses that request's push)."""
+        if self.keys is not None and not self.keys.verify(release_fields(d_req_id), signature):
+            log.error("pdpush: refusing an unsigned release question for %s", d_req_id)
+            self._errors[req_id] = "kv_transfer_params.pdpush_release: not signed by D"
+            self.forbidden_requests += 1
+            return
         busy = any(push.target.d_req_id == d_req_id for push in self._pushes.values())
         if not busy:
             self.tombstones.add(d_req_id)

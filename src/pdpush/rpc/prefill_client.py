@@ -158,14 +158,14 @@ class PrefillClient:
             future = self._calls.pop(req_id, None)
         return bool(future and future.cancel())
 
-    def ask_release(self, url: str, req_id: str) -> None:
+    def ask_release(self, url: str, req_id: str, signature: str = "") -> None:
         """Ask P whether D may release what it holds for req_id; the answer comes as a
         ReleaseAnswer through drain_results (none when P does not answer)."""
-        self._loop.call(self._ask_release(url, req_id))
+        self._loop.call(self._ask_release(url, req_id, signature))
 
-    async def _ask_release(self, url: str, req_id: str) -> None:
+    async def _ask_release(self, url: str, req_id: str, signature: str) -> None:
         try:
-            resp = await self._client.post(f"{url}/v1/completions", json=release_body(req_id),
+            resp = await self._client.post(f"{url}/v1/completions", json=release_body(req_id, signature),
                                            timeout=GONE_CHECK_TIMEOUT_S * 5)
             if resp.status_code != 200:
                 return
