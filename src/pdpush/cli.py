@@ -31,6 +31,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "gpu": ("pdpush.bench.gpu.cli", "GPU data plane: push correctness, ordering, bandwidth, decode interference"),
     "serving": ("pdpush.bench.serving", "TTFT of a long prompt: pdpush vs local vs vLLM NIXL pull/push"),
     "interference": ("pdpush.bench.interference.cli", "does P's KV push slow D's decode? step latency per QPS"),
+    "wire": ("pdpush.bench.wire", "JSON work per do_prefill on D and P's guard: msgspec vs json"),
 }
 # Old command words -> today's; accepted, never shown.
 ALIASES: dict[str, list[str]] = {"bench-rdma": ["bench", "rdma"], "bench-gpu": ["bench", "gpu"]}

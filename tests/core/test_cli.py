@@ -132,6 +132,7 @@ def test_recorded_commands_still_parse(argv):
         (["bench", "gpu", "--device", "cpu", "--phases", "nap"], "pdpush bench gpu: unknown phase(s) ['nap']"),
         (["bench", "interference", "--batch", "0"], "pdpush bench interference: --batch must be >= 1"),
         (["demo", "--model", "/nonexistent-model"], "pdpush demo: /nonexistent-model is not a model folder"),
+        (["bench", "wire", "--tokens", "2000,lots"], "pdpush bench wire: --tokens takes a comma list"),
     ],
 )  # fmt: skip
 def test_bad_usage_exits_2_with_one_line_on_stderr(argv, message, capsys):
