@@ -13,7 +13,9 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from pdpush.connector.auth import Keys, NonceMemory, ReplayGuard, load_keys, write_key_file
+from pdpush.connector.auth import (
+    CLOCK_DRIFT, Keys, NonceMemory, ReplayGuard, load_keys, write_key_file,
+)
 from pdpush.connector.config import ConfigError, PdpushConfig
 from pdpush.connector.metadata import Forbidden, Notif, PushTarget
 from pdpush.connector.prefill_scheduler import PrefillScheduler
@@ -130,11 +132,25 @@ def test_replay_guard_refuses_a_target_older_than_its_budget_after_the_nonce_is_
     assert guard.refusal("n2", "b", "d/start-1", 5699.9, 30.0, 600.0, now=700.0) == ""
     assert guard.refusal("n3", "c", "d/start-2", 12.0, 30.0, 600.0, now=700.0) == ""
     assert nonces.admit("n1", "z", expires=1300.0, now=700.0)  # forgotten: taken again
-    assert "700.0 s ago" in guard.refusal("n1", "z", "d/start-1", 5000.0, 30.0, 600.0, now=700.0)
+    assert "699.9 s ago" in guard.refusal("n1", "z", "d/start-1", 5000.0, 30.0, 600.0, now=700.0)
     assert "no issue time" in guard.refusal("n4", "d", "d/start-1", 0.0, 30.0, 600.0, now=700.0)
     # queued 20 s of a 30 s budget is no replay; the nonce is still refused a second time
     assert guard.refusal("n5", "e", "d/start-1", 5680.0, 30.0, 600.0, now=700.0) == ""
     assert "already used" in guard.refusal("n5", "f", "d/start-1", 5680.0, 30.0, 600.0, now=700.0)
+
+
+@pytest.mark.parametrize("drift", [CLOCK_DRIFT, 0.0], ids=["guard", "control-fixed-reference"])
+def test_replay_guard_takes_a_month_of_targets_from_a_d_whose_clock_runs_slow(drift, monkeypatch):
+    """P's clock gains 200 ppm on D's (a free-running crystal can): with a fixed reference
+    offset a D up for a month would see its targets refused as too old (the control)."""
+    monkeypatch.setattr("pdpush.connector.auth.CLOCK_DRIFT", drift)
+    guard = ReplayGuard()
+    refused = 0
+    for hour in range(0, 24 * 30, 6):
+        p_now = hour * 3600.0
+        d_clock = 1000.0 + p_now / (1 + 200e-6)
+        refused += bool(guard.refusal(f"n{hour}", f"r{hour}", "d/s", d_clock, 30.0, 600.0, p_now))
+    assert refused == (0 if drift else 113)  # every target after 42 hours (30 s / 200 ppm)
 
 
 # -- through P's scheduler and workers into D's bytes ------------------------------------------
@@ -228,7 +244,7 @@ def test_a_target_replayed_after_p_forgot_its_nonce_changes_no_byte_of_d(keyed, 
     lands (the control must fail to protect D)."""
     sched = PrefillScheduler(BS, keyed.config)
     if not age_check:
-        monkeypatch.setattr(ReplayGuard, "_age", lambda self, source, offset: 0.0)
+        monkeypatch.setattr(ReplayGuard, "_age", lambda self, source, offset, now: 0.0)
     now = time.monotonic()
     a = signed_target(keyed.keys, "r-a", (9, 10), f"127.0.0.1:{keyed.port}", "a" * 32,
                       issued_s=now - 700)

@@ -131,37 +131,47 @@ class NonceMemory:
         return len(self._seen)
 
 
+# How fast two hosts' monotonic clocks may drift apart: 1000 ppm, twice NTP's largest slew and
+# ten times a free-running crystal's. ReplayGuard lets its reference offset rise this fast.
+CLOCK_DRIFT = 1e-3
+
+
 class ReplayGuard:
     """Why a signed target must not be taken again: its nonce was seen, or it is too old.
 
     The nonce memory alone lets a captured target through once it forgot the nonce (after its
     window, or 100 000 targets later). A target also carries D's monotonic clock at signing
     (`issued_s`); P never shares that clock, but the offset (P's now - issued_s) of each
-    target of one D start is transit time plus a constant. The smallest offset seen so far
-    stands for the constant, so a target's age is its offset minus that smallest one: a replay
-    is as old as the capture. A target older than its own budget is refused: D's lease for it
-    has ended (or nearly), whatever it is. Targets without a clock reading are refused."""
+    target of one D start is transit time plus the clocks' difference. The smallest offset seen
+    stands for that difference, so a target's age is its offset minus the smallest one: a
+    replay is as old as the capture. The two clocks may run at slightly different rates, so the
+    reference rises by CLOCK_DRIFT per second since it was seen (a D up for weeks is not refused
+    for its P's clock running fast; a replay needs days of silence from that D start to gain
+    the 10 minutes the nonce memory covers). A target older than its own budget is refused: D's
+    lease for it has ended, or nearly, whatever it is. Targets without a clock reading too."""
 
     def __init__(self, max_nonces: int = 100_000, max_sources: int = 4096) -> None:
         self.nonces = NonceMemory(max_nonces)
         self.max_sources = max_sources
-        self._offset: OrderedDict[str, float] = OrderedDict()  # per D start: smallest offset
+        # per D start: (smallest offset, P's time when seen); most recently used last
+        self._ref: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def refusal(self, nonce: str, req_id: str, source: str, issued_s: float, budget_s: float,
                 remember_s: float, now: float | None = None) -> str:
         now = time.monotonic() if now is None else now
         if issued_s <= 0:
             return "the target has no issue time"
-        age = self._age(source, now - issued_s)
+        age = self._age(source, now - issued_s, now)
         if age > budget_s:
             return f"the target was signed {age:.1f} s ago, beyond its {budget_s:g} s budget (a replay?)"
         if not self.nonces.admit(nonce, req_id, now + remember_s, now):
             return "this nonce was already used (replay)"
         return ""
 
-    def _age(self, source: str, offset: float) -> float:
-        best = min(self._offset.pop(source, offset), offset)
-        self._offset[source] = best  # most recently seen last: the oldest source goes first
-        if len(self._offset) > self.max_sources:
-            self._offset.popitem(last=False)
-        return offset - best
+    def _age(self, source: str, offset: float, now: float) -> float:
+        best, seen = self._ref.pop(source, (offset, now))
+        reference = best + CLOCK_DRIFT * (now - seen)
+        self._ref[source] = (offset, now) if offset < reference else (best, seen)
+        if len(self._ref) > self.max_sources:
+            self._ref.popitem(last=False)
+        return offset - reference
