@@ -59,4 +59,3 @@ class WriteJob:
     out: Outgoing
     runs: list
     d_blocks: list[int]  # the D blocks this layer's runs fill (counted once posted)
-
