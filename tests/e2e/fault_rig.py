@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -51,7 +52,8 @@ COLUMNS = {
     "hang": "an answer past the lease + slack or none, or a request still waiting for KV once "
             "the lease ended, or held blocks not released after P resumed",
     "follow_up": "a remote request right after the cell: correct tokens, and where it ran",
-    "after": "killed cells: the dead P out of D's choice at once, then restarted on its URL and "
+    "after": "killed cells: once D's /stats shows the dead P's port refusing, two follow-ups one "
+             "after the other, both remote on the other P; then the P restarted on its URL and "
              "serving remote prefills again",
 }
 
@@ -65,9 +67,8 @@ NOTES = """Reading the table:
 - P stopped at `after_notify`: P's notification arrived before it stopped, so D decodes from
   the pushed KV (remote) and answers at once; the 2 s client abort of that row never fires.
 - P killed: the time is D's recovery through "P known gone" (connection reset, health check
-  refused), not the lease. A first follow-up may still be sent to the dead P when D saw no sign
-  of the death yet (it applies health checks when it steps): it falls back at once, and the next
-  one runs on the other P.
+  refused), not the lease. Once a health check of the dead P was refused, D does not choose it,
+  also while idle (it applies health reports when it steps; the refusal is known before).
 """
 
 @dataclass
@@ -243,6 +244,14 @@ class Canary:
                 "late_into_held": len(changed & self.held)}
 
 
+def _tree() -> str:
+    """The commit the run used, "+changes" when the working tree differed from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return (head.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
 def write_report(rows: list[dict]) -> Path | None:
     """JSON + markdown: results/faults/<date>/ for the full matrix, out/faults/<date>/ for the
     default subset (so a plain test run never replaces the committed table)."""
@@ -261,7 +270,7 @@ def write_report(rows: list[dict]) -> Path | None:
                "tests/e2e/test_e2e_fault_matrix.py -q")
     (out / "README.md").write_text(
         f"# Fault matrix ({today}, {'full' if FULL else 'default subset'})\n\n"
-        f"Command: `{command}`\n(Python {sys.version.split()[0]}; lease {TIMEOUT_S} s + grace "
+        f"Command: `{command}`\n(tree {_tree()}; Python {sys.version.split()[0]}; lease {TIMEOUT_S} s + grace "
         f"{GRACE_S} s; hang slack {HANG_SLACK_S} s; what the matrix does and does not cover: "
         f"the module docstring of tests/e2e/test_e2e_fault_matrix.py.) The test suite runs one "
         f"point per fault and writes to out/faults/; `{MATRIX_ENV}=full` runs every cell and "
