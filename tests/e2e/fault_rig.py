@@ -245,10 +245,11 @@ class Canary:
 
 
 def _tree() -> str:
-    """The commit the run used, "+changes" when the working tree differed from it."""
+    """The commit the run used, "+changes" when the working tree differed from it (outside
+    results/, which this report itself changes as it goes)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!results"], capture_output=True, text=True).stdout.strip()
     return (head.stdout.strip() or "unknown") + ("+changes" if dirty else "")
 
 
