@@ -71,3 +71,21 @@ def test_not_healthy_in_time(tmp_path):
     finally:
         server.stop()
     assert not server.alive()
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The kernel may offer the same free port again before a server binds it (CI saw D's side
+    channel and P0's HTTP server given one port): free_port skips ports it already gave out."""
+    import socket as socket_module
+
+    from pdpush.local import cluster
+
+    offered = iter([41001, 41001, 41002, 41001, 41003])
+
+    class Kernel(socket_module.socket):
+        def getsockname(self):
+            return ("127.0.0.1", next(offered))
+
+    monkeypatch.setattr(cluster, "_HANDED_OUT", set())
+    monkeypatch.setattr(cluster.socket, "socket", Kernel)
+    assert [cluster.free_port() for _ in range(3)] == [41001, 41002, 41003]

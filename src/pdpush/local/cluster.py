@@ -71,11 +71,20 @@ class ServerError(RuntimeError):
     """A server exited or did not become healthy in time."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free right now and that this process has not handed out
+    before: the servers bind their ports only when they start, so the kernel may offer a port
+    chosen a moment ago again (seen in CI: D's side channel on P0's HTTP port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class _Started:
