@@ -88,14 +88,10 @@ class Policy:
             return Decision(None, "nothing_to_push")
         if uncached_tokens < self.config.remote_threshold_tokens and not force_remote:
             return Decision(None, "short")
-        candidates = [
-            p for p in self.peers.values()
-            if p.available(now) and p.url not in refusing
-            and p.inflight < self.config.max_inflight_per_prefill
-            and p.queue < self.config.max_prefill_queue
-        ]
+        healthy = [p for p in self.peers.values() if p.available(now) and p.url not in refusing]
+        candidates = [p for p in healthy if p.inflight < self.config.max_inflight_per_prefill
+                      and p.queue < self.config.max_prefill_queue]
         if not candidates:
-            healthy = any(p.available(now) and p.url not in refusing for p in self.peers.values())
             return Decision(None, "busy" if healthy else "no_healthy_prefill")
         best = min(candidates, key=lambda p: (p.load, p.completed + p.failed, p.url))
         return Decision(best.url, "remote")

@@ -43,8 +43,7 @@ def cells(tokens: int) -> dict[str, tuple]:
     """name -> (pdpush's way, the standard library's way)."""
     j = job(tokens)
     body = encode_job(j)
-    plain = {"prompt": j.prompt_token_ids, "max_tokens": 1, "return_token_ids": True,
-             "kv_transfer_params": j.kv_transfer_params, **j.sampling}
+    plain = json.loads(body)  # the same body as Python objects, for json.dumps
     return {"D encodes do_prefill": (lambda: encode_job(j), lambda: json.dumps(plain).encode()),
             "P's guard reads the target": (lambda: params_of(body),
                                            lambda: json.loads(body)["kv_transfer_params"])}

@@ -165,7 +165,8 @@ class PrefillClient:
 
     async def _ask_release(self, url: str, req_id: str, signature: str) -> None:
         try:
-            resp = await self._client.post(f"{url}/v1/completions", json=release_body(req_id, signature),
+            resp = await self._client.post(f"{url}/v1/completions",
+                                           json=release_body(req_id, signature),
                                            timeout=GONE_CHECK_TIMEOUT_S * 5)
             if resp.status_code != 200:
                 return
